@@ -1,0 +1,164 @@
+"""Typed configuration: every ``params.yaml`` section is a pydantic model validated on load.
+
+Errors name the file and the dotted key (``params.yaml: model.text.num_prompts: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Pooling = Literal["multi_prompt", "mean", "last_token", "prompt_last_token", "defo", "vanilla_clip"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VanillaTextConfig(_Strict):
+    """The small CLIP text transformer trained from scratch (baseline ``vanilla_clip``)."""
+
+    width: int = Field(256, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    context_length: int = Field(77, gt=1)
+
+
+class TextConfig(_Strict):
+    """The LLM text tower and how captions are read through it (DESIGN §1)."""
+
+    pooling: Pooling = "multi_prompt"
+    num_prompts: int = Field(4, ge=1, description="K adaptive prompts (M APT tokens for defo)")
+    prompt_template: str = " the {apt} of the image means:"
+    negated_template: str = " the {apt} of the image does not mean:"
+    fixed_prompt: str = " this image means:"
+    negation: bool = True
+    max_caption_tokens: int = Field(64, ge=1)
+    n_top: int = Field(1, ge=1, description="trained top decoder layers; the rest is the frozen trunk")
+    tuning: Literal["top", "lora"] = "top"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    train_apt_embeddings: bool = True
+    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
+    apt_init_seed: int = 0
+    vanilla: VanillaTextConfig = VanillaTextConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TextConfig":
+        for name in ("prompt_template", "negated_template"):
+            if "{apt}" not in getattr(self, name):
+                raise ValueError(f"{name} must contain the placeholder '{{apt}}'")
+        if self.negation and self.pooling != "multi_prompt":
+            raise ValueError("negation needs pooling 'multi_prompt' (negated prompts carry APT tokens)")
+        if self.pooling in ("mean", "last_token", "prompt_last_token", "vanilla_clip") and self.num_prompts != 1:
+            raise ValueError(f"pooling '{self.pooling}' reads one embedding: set num_prompts: 1")
+        return self
+
+    @property
+    def uses_apt(self) -> bool:
+        return self.pooling in ("multi_prompt", "defo")
+
+
+class VisionConfig(_Strict):
+    """SigLIP-style ViT with the MAP attention-pooling head (transformers ``SiglipVisionModel``)."""
+
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    hidden_size: int = Field(192, gt=0)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(3, ge=1)
+    intermediate_size: int = Field(768, gt=0)
+    pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        return self
+
+
+class LossConfig(_Strict):
+    """``L = L_con + lambda_div * L_div + lambda_neg * L_neg``."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    init_logit_scale: float = Field(1 / 0.07, gt=0)
+    max_logit_scale: float = Field(100.0, gt=0)
+    init_logit_bias: float = -10.0
+    lambda_div: float = Field(0.1, ge=0)
+    lambda_neg: float = Field(1.0, ge=0)
+
+
+class ModelConfig(_Strict):
+    """Everything that defines a MultiPromptCLIP architecture."""
+
+    embed_dim: int = Field(256, gt=0)
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    loss: LossConfig = LossConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        k = self.text.num_prompts
+        if self.embed_dim % k:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by text.num_prompts ({k})")
+        if not self.text.negation and self.loss.lambda_neg > 0:
+            # Not an error: the negation term is simply absent. Kept explicit for readers.
+            pass
+        return self
+
+
+class BaseModelConfig(_Strict):
+    """Which pretrained LLM to start from."""
+
+    name: str = "smollm2-135m"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    out_dir: str = "models/base"
+
+
+class Params(_Strict):
+    """The whole ``params.yaml``."""
+
+    seed: int = 0
+    base_model: BaseModelConfig = BaseModelConfig()
+    model: ModelConfig = ModelConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or mapping failed validation; the message names the key."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"{source}: {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def validate(model_cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """Validate ``data`` into ``model_cls``; raise :class:`ConfigError` naming ``source`` and the keys."""
+    try:
+        return model_cls.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return validate(Params, data, str(path))

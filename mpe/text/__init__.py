@@ -1,0 +1,1 @@
+"""The LLM text tower: adaptive prompt tokens, prompt-wise masking, trunk/top split, readouts."""

@@ -1,0 +1,69 @@
+"""Shared fixtures: the bundled tokenizer and tiny random decoders of every supported architecture."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest
+import torch
+
+from mpe.base_model import resolve_base_model
+
+ARCHS = ["llama", "gemma", "gemma2", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def base_dir():
+    """The bundled SmolLM2-135M, converted from its GGUF once per machine."""
+    return resolve_base_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def tiny_config(arch: str, vocab_size: int, attn: str = "eager"):
+    """A small random config of ``arch`` (3 layers, width 64)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif arch == "gemma":
+        cfg = tf.GemmaConfig(**common, head_dim=16)
+    elif arch == "gemma2":
+        # A window shorter than our sequences, so the sliding layers really slide.
+        cfg = tf.Gemma2Config(**common, head_dim=16, sliding_window=6, query_pre_attn_scalar=16)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def tiny_lm(arch: str, tokenizer, attn: str = "eager", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), attn), attn_implementation=attn)
+    # Random init has tiny weights; scale up so that layers do real mixing and bugs show.
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    return lm.eval()
