@@ -41,7 +41,7 @@ class TextConfig(_Strict):
     tuning: Literal["top", "lora"] = "top"
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    train_apt_embeddings: bool = True
+    train_apt_embeddings: bool = False  # must stay off when the trunk is cached
     attn_implementation: Literal["eager", "sdpa"] = "sdpa"
     apt_init_seed: int = 0
     vanilla: VanillaTextConfig = VanillaTextConfig()
@@ -86,11 +86,17 @@ class LossConfig(_Strict):
     """``L = L_con + lambda_div * L_div + lambda_neg * L_neg``."""
 
     kind: Literal["clip", "siglip"] = "clip"
-    init_logit_scale: float = Field(1 / 0.07, gt=0)
+    init_logit_scale: float | None = Field(None, gt=0, description="default 1/0.07 (clip) or 10 (siglip)")
     max_logit_scale: float = Field(100.0, gt=0)
     init_logit_bias: float = -10.0
     lambda_div: float = Field(0.1, ge=0)
     lambda_neg: float = Field(1.0, ge=0)
+
+    @property
+    def initial_logit_scale(self) -> float:
+        if self.init_logit_scale is not None:
+            return self.init_logit_scale
+        return 1 / 0.07 if self.kind == "clip" else 10.0
 
 
 class ModelConfig(_Strict):
@@ -106,9 +112,6 @@ class ModelConfig(_Strict):
         k = self.text.num_prompts
         if self.embed_dim % k:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by text.num_prompts ({k})")
-        if not self.text.negation and self.loss.lambda_neg > 0:
-            # Not an error: the negation term is simply absent. Kept explicit for readers.
-            pass
         return self
 
 

@@ -1,0 +1,1 @@
+"""The image tower: a SigLIP-style ViT with attention pooling, and its preprocessing."""
