@@ -52,6 +52,11 @@ def atomic_dir(final: Path):
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` over ``final`` (readable by all, as a normal folder would be)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)

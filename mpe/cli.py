@@ -1,0 +1,83 @@
+"""The ``mpe`` command line: one sub-command per stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _load_params(path: str):
+    from mpe.config import Params, load_params
+
+    return load_params(path) if Path(path).exists() else Params()
+
+
+def cmd_model_init(args) -> None:
+    from mpe.base_model import resolve_base_model
+    from mpe.model import MultiPromptCLIP
+
+    params = _load_params(args.params)
+    cfg = params.model
+    if args.num_prompts is not None:
+        text = cfg.text.model_copy(update={"num_prompts": args.num_prompts})
+        cfg = cfg.model_validate({**cfg.model_dump(), "text": text.model_dump()})
+    base = args.base or params.base_model.name
+    base_dir = resolve_base_model(base, params.base_model.revision, params.base_model.save_dtype)
+    model = MultiPromptCLIP.from_base(base_dir, cfg, trust_remote_code=params.base_model.trust_remote_code,
+                                      provenance={"base_model_name": base})
+    model.save_pretrained(args.out)
+    print(f"wrote an untrained {cfg.text.pooling} model (K={cfg.text.num_prompts}, base {base}) to {args.out}")
+
+
+def cmd_embed(args) -> None:
+    from mpe.embed import embed_image_files, embed_texts, list_images, read_text_file, save_npy
+    from mpe.model import MultiPromptCLIP
+
+    model = MultiPromptCLIP.from_pretrained(args.model)
+    if args.text_file:
+        arr = embed_texts(model, read_text_file(args.text_file), args.batch_size)
+    else:
+        arr = embed_image_files(model, list_images(args.image_dir), args.batch_size)
+    save_npy(args.out, arr)
+    print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpe", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    init = model.add_parser("init", help="write an untrained model folder")
+    init.add_argument("--base", help="local dir, hub id, or bundled name (default: params base_model.name)")
+    init.add_argument("--out", required=True)
+    init.add_argument("--num-prompts", type=int)
+    init.set_defaults(func=cmd_model_init)
+
+    emb = sub.add_parser("embed", help="embed a text file (one caption per line) or a folder of images")
+    emb.add_argument("--model", required=True)
+    src = emb.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-file")
+    src.add_argument("--image-dir")
+    emb.add_argument("--out", required=True)
+    emb.add_argument("--batch-size", type=int, default=32)
+    emb.set_defaults(func=cmd_embed)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mpe.base_model import BaseModelError
+    from mpe.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, BaseModelError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"mpe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

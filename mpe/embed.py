@@ -1,0 +1,62 @@
+"""Embedding files of text or images with a saved model (``mpe embed``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from mpe.atomic import atomic_path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """One caption per line (the trailing newline dropped); an empty file is an error."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise ValueError(f"{path}: no lines to embed")
+    return lines
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from None
+
+
+@torch.no_grad()
+def embed_texts(model, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    out = [model.encode_text(texts[i:i + batch_size]).float().cpu().numpy()
+           for i in tqdm(range(0, len(texts), batch_size), desc="embed text", unit="batch")]
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed_image_files(model, files: list[Path], batch_size: int = 32) -> np.ndarray:
+    out = []
+    for i in tqdm(range(0, len(files), batch_size), desc="embed images", unit="batch"):
+        out.append(model.encode_image([open_image(p) for p in files[i:i + batch_size]]).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def save_npy(target: str | Path, array: np.ndarray) -> None:
+    with atomic_path(target, suffix=".npy") as tmp:
+        np.save(tmp, array)
