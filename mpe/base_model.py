@@ -146,3 +146,29 @@ def load_base_model(path: str | Path, attn_implementation: str = "sdpa", dtype=t
                                               trust_remote_code=trust_remote_code)
     lm.eval()
     return lm, tokenizer
+
+
+def prepare_base_model(params) -> Path:
+    """The ``base_model`` stage: resolve the LLM, add the APT tokens, save safetensors to ``out_dir``.
+
+    Writes ``mpe_base.json`` beside the checkpoint with the source name and revision.
+    """
+    from mpe.text.apt_tokens import add_apt_tokens
+
+    cfg, text = params.base_model, params.model.text
+    src = resolve_base_model(cfg.name, cfg.revision, cfg.save_dtype)
+    lm, tok = load_base_model(src, text.attn_implementation, torch.float32, cfg.trust_remote_code)
+    if text.uses_apt:
+        add_apt_tokens(lm, tok, text.num_prompts, seed=text.apt_init_seed)
+    out = Path(cfg.out_dir)
+    tmp = atomic_dir(out)
+    try:
+        save_plain_lm(lm, tok, tmp, DTYPES[cfg.save_dtype])
+        info = {"name": cfg.name, "revision": cfg.revision, "resolved_from": str(src),
+                "apt_tokens": text.num_prompts if text.uses_apt else 0, "apt_init_seed": text.apt_init_seed,
+                "dtype": cfg.save_dtype}
+        (tmp / "mpe_base.json").write_text(json.dumps(info, indent=1))
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

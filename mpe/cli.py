@@ -43,6 +43,47 @@ def cmd_embed(args) -> None:
     print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}")
 
 
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def cmd_data(args) -> None:
+    from mpe.data.prepare import prepare_data
+
+    params = _load_params(args.params)
+    stats = prepare_data(params.data, params.seed)
+    for split, s in stats["splits"].items():
+        print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
+
+
+def cmd_base_model(args) -> None:
+    from mpe.base_model import prepare_base_model
+
+    out = prepare_base_model(_load_params(args.params))
+    print(f"wrote the base model with APT tokens to {out}")
+
+
+def cmd_cache(args) -> None:
+    from mpe.cache import run_cache_stage
+
+    _print_json(run_cache_stage(_load_params(args.params)))
+
+
+def cmd_train(args) -> None:
+    from mpe.train import run_train_stage
+
+    _print_json(run_train_stage(_load_params(args.params)))
+
+
+def cmd_evaluate(args) -> None:
+    from mpe.evaluate import run_evaluate_stage
+
+    report = run_evaluate_stage(_load_params(args.params))
+    _print_json({k: v for k, v in report.items() if k != "details"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpe", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -63,17 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", required=True)
     emb.add_argument("--batch-size", type=int, default=32)
     emb.set_defaults(func=cmd_embed)
+
+    for name, func, text in [
+        ("data", cmd_data, "write the URL lists and download them with img2dataset into webdataset shards"),
+        ("base-model", cmd_base_model, "resolve the base LLM, add the APT tokens, save safetensors"),
+        ("cache", cmd_cache, "store the frozen trunk's hidden states for every unique caption"),
+        ("train", cmd_train, "train with Ray Train (TorchTrainer); resumes a run of the same name"),
+        ("evaluate", cmd_evaluate, "retrieval, negation and zero-shot metrics and plots"),
+    ]:
+        sub.add_parser(name, help=text).set_defaults(func=func)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from mpe.base_model import BaseModelError
+    from mpe.cache import CacheMismatch
     from mpe.config import ConfigError
+    from mpe.data.url_list import DataError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, BaseModelError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, BaseModelError, DataError, CacheMismatch, ValueError, FileNotFoundError,
+            NotADirectoryError) as err:
         print(f"mpe {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

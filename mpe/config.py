@@ -125,12 +125,123 @@ class BaseModelConfig(_Strict):
     out_dir: str = "models/base"
 
 
+class ShapesConfig(_Strict):
+    """Sizes of the synthetic shapes world (DESIGN §3)."""
+
+    train_captions: int = Field(600, ge=1)
+    images_per_caption: int = Field(3, ge=1)
+    val_captions: int = Field(100, ge=0)
+    test_captions: int = Field(200, ge=2)
+    negation_queries: int = Field(100, ge=0)
+    held_out_pairs: int = Field(6, ge=0, le=48)
+    p_secondary: float = Field(0.6, ge=0, le=1)
+
+
+class DataConfig(_Strict):
+    """Where images and captions come from and how img2dataset downloads them."""
+
+    source: Literal["shapes", "url_list"] = "shapes"
+    url_list: str | None = Field(None, description="parquet or csv with a URL and a caption column")
+    url_col: str = "URL"
+    caption_col: str = "TEXT"
+    test_fraction: float = Field(0.02, gt=0, lt=1, description="url_list only: rows kept for evaluation")
+    out_dir: str = "data"
+    image_size: int = Field(64, ge=8)
+    samples_per_shard: int = Field(500, ge=1)
+    processes: int = Field(1, ge=1)
+    threads: int = Field(16, ge=1)
+    distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
+    timeout: int = Field(10, ge=1)
+    retries: int = Field(0, ge=0)
+    min_success_rate: float = Field(0.9, ge=0, le=1)
+    shapes: ShapesConfig = ShapesConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "url_list" and not self.url_list:
+            raise ValueError("source 'url_list' needs url_list: a parquet or csv path")
+        return self
+
+
+class CacheConfig(_Strict):
+    """The trunk hidden-state cache."""
+
+    enabled: bool = True
+    root: str = "cache"
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    batch_size: int = Field(32, ge=1)
+    part_size: int = Field(256, ge=1)
+    autocast: Literal["auto", "bfloat16", "none"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (bf16 is slower on most CPUs)")
+    engine: Literal["local", "ray"] = "local"
+    ray_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "mpe"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: start a local cluster; 'auto' or ray://host:10001")
+    num_cpus: int | None = 2
+
+
+class TrainConfig(_Strict):
+    """Ray Train (TorchTrainer) settings and the optimisation schedule."""
+
+    run_name: str = "mpe-default"
+    storage_path: str = "ray_results"
+    out_dir: str = "models/trained"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    batch_size: int = Field(64, ge=2, description="per worker")
+    epochs: float = Field(4.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    fail_at_step: int | None = Field(None, description="testing: one worker raises once at this step")
+    log_every: int = Field(5, ge=1)
+    save_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    threads_per_worker: int | None = None
+
+
+class EvalConfig(_Strict):
+    out_dir: str = "metrics"
+    plots_dir: str = "plots"
+    batch_size: int = Field(64, ge=1)
+    ks: list[int] = [1, 5, 10]
+    compare_untrained: bool = True
+
+
 class Params(_Strict):
     """The whole ``params.yaml``."""
 
     seed: int = 0
+    data: DataConfig = DataConfig()
     base_model: BaseModelConfig = BaseModelConfig()
     model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.cache.enabled and self.model.text.train_apt_embeddings:
+            raise ValueError("model.text.train_apt_embeddings must be false when cache.enabled: the cached "
+                             "trunk already holds the APT embeddings' effect")
+        if self.cache.enabled and self.model.text.tuning == "lora":
+            raise ValueError("model.text.tuning 'lora' trains every layer: set cache.enabled: false")
+        return self
 
 
 class ConfigError(ValueError):

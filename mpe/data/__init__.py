@@ -1,0 +1,1 @@
+"""Data: the synthetic shapes world, URL lists, img2dataset download, webdataset loading."""

@@ -1,0 +1,162 @@
+"""The data stage: URL lists → img2dataset → webdataset shards, with per-split stats and a floor.
+
+The synthetic default writes the shapes world as image files plus ``file://`` URL lists and then
+takes exactly the path a LAION parquet takes. img2dataset's incremental mode resumes a stopped
+download; a change of parameters starts the split afresh (its fingerprint is kept beside it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from mpe.atomic import atomic_path, write_text
+from mpe.config import DataConfig
+from mpe.data.shapes import plan_splits, render
+from mpe.data.url_list import DataError, read_url_list
+
+SPLITS = ("train", "val", "test", "negation")
+EXTRA_COLUMNS = ["id", "main_colour", "main_shape", "compositional"]
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_parquet(df: pd.DataFrame, target: Path) -> None:
+    with atomic_path(target, suffix=".parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def _save_png(img, target: Path) -> None:
+    if target.exists():
+        return
+    with atomic_path(target, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+
+
+def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]:
+    """Render the shapes world into ``out/raw`` and write one URL list per split."""
+    s = cfg.shapes
+    plan = plan_splits(s.train_captions, s.val_captions, s.test_captions, s.negation_queries,
+                       s.held_out_pairs, s.p_secondary, seed)
+    rows: dict[str, list[dict]] = {k: [] for k in SPLITS}
+    jobs = []
+
+    def add(split, ident, scene, caption, compositional=False, render_seed=0):
+        path = (out / "raw" / split / f"{ident}.png").resolve()
+        jobs.append((scene, path, render_seed))
+        rows[split].append({"URL": path.as_uri(), "TEXT": caption, "id": ident, "main_colour": scene.main.colour,
+                            "main_shape": scene.main.shape, "compositional": compositional})
+
+    for i, scene in enumerate(plan.train):
+        for j in range(s.images_per_caption):
+            add("train", f"train-{i:05d}-{j}", scene, scene.caption(), render_seed=seed * 1_000_003 + i * 31 + j)
+    for i, scene in enumerate(plan.val):
+        add("val", f"val-{i:05d}", scene, scene.caption(), render_seed=seed + 7_000_000 + i)
+    for i, (scene, comp) in enumerate(zip(plan.test, plan.test_compositional)):
+        add("test", f"test-{i:05d}", scene, scene.caption(), comp, render_seed=seed + 8_000_000 + i)
+    negation = []
+    for i, (query, without, with_neg) in enumerate(plan.negation):
+        rs = seed + 9_000_000 + i  # the same seed: the two images differ only in the negated object
+        add("negation", f"neg-{i:05d}-without", without, without.caption(), render_seed=rs)
+        add("negation", f"neg-{i:05d}-with", with_neg, with_neg.caption(), render_seed=rs)
+        negation.append({"query": query, "positive": f"neg-{i:05d}-without", "negative": f"neg-{i:05d}-with"})
+    for scene, path, rs in tqdm(jobs, desc="render shapes", unit="img"):
+        _save_png(render(scene, cfg.image_size, rs), path)
+    lists = {}
+    for split, r in rows.items():
+        if r:
+            lists[split] = out / "url_lists" / f"{split}.parquet"
+            _write_parquet(pd.DataFrame(r), lists[split])
+    write_text(out / "negation.json", json.dumps(negation, indent=1))
+    write_text(out / "held_out_pairs.json", json.dumps(sorted(plan.held_out)))
+    return lists
+
+
+def split_url_list(cfg: DataConfig, seed: int, out: Path) -> tuple[dict[str, Path], dict]:
+    """A user URL list split into train and test (``test_fraction`` of the rows)."""
+    df, report = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
+    order = list(range(len(df)))
+    random.Random(seed).shuffle(order)
+    n_test = max(1, int(round(cfg.test_fraction * len(df))))
+    df["id"] = [f"row-{i:09d}" for i in range(len(df))]
+    parts = {"test": df.iloc[sorted(order[:n_test])], "train": df.iloc[sorted(order[n_test:])]}
+    lists = {}
+    for split, part in parts.items():
+        lists[split] = out / "url_lists" / f"{split}.parquet"
+        _write_parquet(part, lists[split])
+    return lists, report
+
+
+def shard_stats(folder: Path) -> dict:
+    """Sum img2dataset's ``*_stats.json`` files: counts, successes and every status."""
+    total = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "status": {}}
+    for f in sorted(folder.glob("*_stats.json")):
+        s = json.loads(f.read_text())
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            total[k] += int(s.get(k, 0))
+        for status, n in (s.get("status_dict") or {}).items():
+            total["status"][status] = total["status"].get(status, 0) + int(n)
+    total["success_rate"] = total["successes"] / total["count"] if total["count"] else 0.0
+    return total
+
+
+def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: list[str]) -> dict:
+    """img2dataset over one URL list into webdataset shards in ``out``; returns the summed stats."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download
+
+    out.mkdir(parents=True, exist_ok=True)
+    download(url_list=str(url_list), output_folder=str(out), input_format="parquet", url_col="URL",
+             caption_col="TEXT", save_additional_columns=extra_columns or None, output_format="webdataset",
+             image_size=cfg.image_size, resize_mode="border", encode_format="jpg", encode_quality=95,
+             processes_count=cfg.processes, thread_count=cfg.threads,
+             number_sample_per_shard=cfg.samples_per_shard, distributor=cfg.distributor,
+             timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
+             enable_wandb=False, compute_hash=None)
+    return shard_stats(out)
+
+
+def check_success(split: str, stats: dict, floor: float, folder: Path) -> None:
+    if stats["count"] == 0:
+        raise DataError(f"{folder}: img2dataset wrote no stats for split '{split}'")
+    if stats["success_rate"] < floor:
+        by_status = ", ".join(f"{k}: {v}" for k, v in sorted(stats["status"].items()))
+        raise DataError(f"split '{split}': {stats['successes']}/{stats['count']} images downloaded "
+                        f"({stats['success_rate']:.1%} < data.min_success_rate {floor:.0%}); by status: "
+                        f"{by_status}. Per-row errors: {folder}/*.parquet (column error_message)")
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> dict:
+    """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {}
+    if cfg.source == "shapes":
+        lists = write_shapes_world(cfg, seed, out)
+        extra = EXTRA_COLUMNS
+    else:
+        lists, report = split_url_list(cfg, seed, out)
+        extra = ["id"]
+    stats = {"source": cfg.source, "url_list_report": report, "splits": {}}
+    for split, url_list in lists.items():
+        folder = out / "shards" / split
+        fp = _fingerprint({"cfg": cfg.model_dump(), "seed": seed, "list": hashlib.sha256(url_list.read_bytes()).hexdigest()})
+        marker = folder / ".fingerprint"
+        if folder.exists() and (not marker.exists() or marker.read_text() != fp):
+            shutil.rmtree(folder)  # different inputs: never mix shards of two configurations
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(marker, fp)
+        s = download_split(url_list, folder, cfg, extra)
+        check_success(split, s, cfg.min_success_rate, folder)
+        stats["splits"][split] = s
+    write_text(out / "stats.json", json.dumps(stats, indent=1))
+    return stats

@@ -1,0 +1,158 @@
+"""The evaluate stage: retrieval R@1/5/10 both ways, negation accuracy, zero-shot classification,
+for the trained model and the untrained one (same architecture, same trunk), plus plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mpe.atomic import write_text
+from mpe.data.loader import load_split, split_captions
+from mpe.data.shapes import COLOURS, SHAPES
+from mpe.retrieval_metrics import chance_recall, retrieval_metrics
+
+SHAPE_TEMPLATES = ("a {}", "a picture of a {}", "a drawing of a {}")
+COLOUR_TEMPLATES = ("a {} object", "something {}", "a {} shape")
+
+
+def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
+    """Class name → prompt texts, for the main object's shape and colour."""
+    return {"shape": {s: [t.format(s) for t in SHAPE_TEMPLATES] for s in SHAPES},
+            "colour": {c: [t.format(c) for t in COLOUR_TEMPLATES] for c in COLOURS}}
+
+
+def evaluation_texts(params) -> list[str]:
+    """Every text the evaluation embeds (test captions, negation queries, class prompts)."""
+    root = Path(params.data.out_dir)
+    texts = split_captions(root / "shards" / "test")
+    neg = root / "negation.json"
+    if neg.exists():
+        texts += [q["query"] for q in json.loads(neg.read_text())]
+    if params.data.source == "shapes":
+        texts += [p for task in zero_shot_prompts().values() for ps in task.values() for p in ps]
+    return texts
+
+
+class TextEmbedder:
+    """Embeds texts with a model, finishing from the hidden-state cache where it holds the text."""
+
+    def __init__(self, model, cache=None, batch_size: int = 64):
+        self.model, self.cache, self.batch_size = model, cache, batch_size
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        from mpe.objective import text_from_cache
+
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            chunk = texts[i:i + self.batch_size]
+            if self.cache is not None and all(t in self.cache for t in chunk):
+                states, lens = self.cache.batch(chunk)
+                out.append(text_from_cache(self.model, states.to(self.model.device), lens).embedding)
+            else:
+                out.append(self.model.encode_text(chunk))
+        return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model, images, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def retrieval_on(samples, text_embed, image_emb, ks) -> dict:
+    texts = list(dict.fromkeys(s.caption for s in samples))
+    pos = torch.tensor([[s.caption == t for s in samples] for t in texts], dtype=torch.bool)
+    res = retrieval_metrics(text_embed(texts), image_emb, pos, ks)
+    res["n_texts"], res["n_images"] = len(texts), len(samples)
+    return res
+
+
+def evaluate_model(model, data_root: Path, embed_text, ks=(1, 5, 10), shapes: bool = True) -> dict:
+    """All metrics of one model on the test split (and the negation set when present)."""
+    test, skipped = load_split(data_root / "shards" / "test")
+    image_emb = embed_images(model, [s.image for s in test])
+    out = {"test": retrieval_on(test, embed_text, image_emb, ks), "skipped_test_samples": dict(skipped)}
+    comp = [i for i, s in enumerate(test) if s.meta.get("compositional")]
+    if comp:
+        out["test_compositional"] = retrieval_on([test[i] for i in comp], embed_text, image_emb[comp], ks)
+    neg_file = data_root / "negation.json"
+    if neg_file.exists() and (data_root / "shards" / "negation").exists():
+        queries = json.loads(neg_file.read_text())
+        by_id = {s.meta.get("id"): s.image for s in load_split(data_root / "shards" / "negation")[0]}
+        queries = [q for q in queries if q["positive"] in by_id and q["negative"] in by_id]
+        if queries:
+            q_emb = embed_text([q["query"] for q in queries])
+            a = embed_images(model, [by_id[q["positive"]] for q in queries])
+            b = embed_images(model, [by_id[q["negative"]] for q in queries])
+            out["negation_accuracy"] = ((q_emb * a).sum(1) > (q_emb * b).sum(1)).float().mean().item()
+            out["negation_queries"] = len(queries)
+    if shapes:
+        for task, classes in zero_shot_prompts().items():
+            names = list(classes)
+            emb = torch.stack([F.normalize(embed_text(classes[c]).mean(0), dim=-1) for c in names])
+            pred = (image_emb @ emb.T).argmax(1)
+            truth = torch.tensor([names.index(s.meta.get(f"main_{task}")) for s in test])
+            out[f"zero_shot_{task}_accuracy"] = (pred == truth).float().mean().item()
+    return out
+
+
+def chance_levels(result: dict, ks) -> dict:
+    n = result["test"]["n_images"]
+    ch = {f"text_to_image_R@{k}": min(1.0, k / n) for k in ks}
+    ch.update({f"image_to_text_R@{k}": min(1.0, k / result['test']['n_texts']) for k in ks})
+    ch.update({"negation_accuracy": 0.5, "zero_shot_shape_accuracy": 1 / len(SHAPES),
+               "zero_shot_colour_accuracy": 1 / len(COLOURS)})
+    return ch
+
+
+def flat_metrics(result: dict) -> dict:
+    """The headline numbers of one model as a flat dict (for MLflow and plots)."""
+    flat = {k: v for k, v in result["test"].items() if "@" in k}
+    for k, v in result.get("test_compositional", {}).items():
+        if "@" in k:
+            flat[f"compositional_{k}"] = v
+    for k in ("negation_accuracy", "zero_shot_shape_accuracy", "zero_shot_colour_accuracy"):
+        if k in result:
+            flat[k] = result[k]
+    return flat
+
+
+def run_evaluate_stage(params) -> dict:
+    """Evaluate ``train.out_dir`` (and the untrained model) → ``metrics/eval.json`` and plots."""
+    from mpe.cache import open_cache
+    from mpe.model import MultiPromptCLIP
+    from mpe.plots import loss_curves, recall_bars
+    from mpe.text.tower import LLMTextTower
+
+    ks = tuple(params.evaluate.ks)
+    data_root = Path(params.data.out_dir)
+    shapes = params.data.source == "shapes"
+    base_dir = Path(params.base_model.out_dir)
+    trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
+    cache = None
+    if params.cache.enabled and isinstance(trained.text, LLMTextTower):
+        cache = open_cache(params, trained.text, base_dir)
+    models = {"trained": trained}
+    if params.evaluate.compare_untrained:
+        torch.manual_seed(params.seed)
+        models["untrained"] = MultiPromptCLIP.from_base(base_dir, params.model).eval()
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate_model(model, data_root, TextEmbedder(model, cache, params.evaluate.batch_size),
+                                       ks, shapes)
+    report = {name: flat_metrics(r) for name, r in results.items()}
+    report["chance"] = chance_levels(results["trained"], ks)
+    report["details"] = results
+    out = Path(params.evaluate.out_dir)
+    write_text(out / "eval.json", json.dumps(report, indent=1))
+    plots = Path(params.evaluate.plots_dir)
+    keys = [k for k in report["trained"] if not k.startswith("compositional_")]
+    recall_bars({m: report[m] for m in ("trained", "untrained", "chance") if m in report}, keys,
+                plots / "recall.png", "test split: trained vs untrained vs chance")
+    hist = Path(params.evaluate.out_dir) / "train_history.json"
+    if hist.exists():
+        loss_curves(json.loads(hist.read_text()), plots / "loss.png")
+    return report
