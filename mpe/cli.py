@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     from mpe.config import ConfigError
     from mpe.data.url_list import DataError
 
+    from mpe.telemetry import disable_telemetry
+
+    disable_telemetry()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

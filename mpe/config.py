@@ -128,11 +128,11 @@ class BaseModelConfig(_Strict):
 class ShapesConfig(_Strict):
     """Sizes of the synthetic shapes world (DESIGN §3)."""
 
-    train_captions: int = Field(600, ge=1)
-    images_per_caption: int = Field(3, ge=1)
-    val_captions: int = Field(100, ge=0)
-    test_captions: int = Field(200, ge=2)
-    negation_queries: int = Field(100, ge=0)
+    train_captions: int = Field(500, ge=1)
+    images_per_caption: int = Field(4, ge=1)
+    val_captions: int = Field(0, ge=0)
+    test_captions: int = Field(150, ge=2)
+    negation_queries: int = Field(80, ge=0)
     held_out_pairs: int = Field(6, ge=0, le=48)
     p_secondary: float = Field(0.6, ge=0, le=1)
 

@@ -14,14 +14,14 @@ from mpe.data.loader import load_split, split_captions
 from mpe.data.shapes import COLOURS, SHAPES
 from mpe.retrieval_metrics import chance_recall, retrieval_metrics
 
-SHAPE_TEMPLATES = ("a {}", "a picture of a {}", "a drawing of a {}")
-COLOUR_TEMPLATES = ("a {} object", "something {}", "a {} shape")
-
-
 def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
-    """Class name → prompt texts, for the main object's shape and colour."""
-    return {"shape": {s: [t.format(s) for t in SHAPE_TEMPLATES] for s in SHAPES},
-            "colour": {c: [t.format(c) for t in COLOUR_TEMPLATES] for c in COLOURS}}
+    """Class name → prompt texts, for the main object's shape and colour.
+
+    One grid of prompts "a {colour} {shape}" serves both tasks: a shape's prompts are its phrase in
+    every colour, a colour's its phrase on every shape (prompt ensembling, as CLIP does with templates).
+    """
+    return {"shape": {s: [f"a {c} {s}" for c in COLOURS] for s in SHAPES},
+            "colour": {c: [f"a {c} {s}" for s in SHAPES] for c in COLOURS}}
 
 
 def evaluation_texts(params) -> list[str]:
@@ -99,6 +99,25 @@ def evaluate_model(model, data_root: Path, embed_text, ks=(1, 5, 10), shapes: bo
     return out
 
 
+@torch.no_grad()
+def prompt_patch_maps(model, images, text_emb: torch.Tensor) -> torch.Tensor:
+    """``(N, K, g, g)``: how much each image patch agrees with each prompt's piece of its caption.
+
+    Patch states (after the ViT's final norm, before attention pooling) go through the image
+    projection; segment k of each patch is scored against segment k of the caption embedding.
+    """
+    pixels = model.pixel_values(images)
+    patches = model.vision.vit(pixel_values=pixels).last_hidden_state
+    proj = model.vision.proj(patches)  # (N, P, D)
+    k = model.num_pieces
+    n, p, d = proj.shape
+    seg_p = F.normalize(proj.view(n, p, k, d // k), dim=-1)
+    seg_t = F.normalize(text_emb.view(n, 1, k, d // k), dim=-1)
+    scores = (seg_p * seg_t).sum(-1).permute(0, 2, 1)  # (N, K, P)
+    g = int(p ** 0.5)
+    return scores.reshape(n, k, g, g)
+
+
 def chance_levels(result: dict, ks) -> dict:
     n = result["test"]["n_images"]
     ch = {f"text_to_image_R@{k}": min(1.0, k / n) for k in ks}
@@ -124,7 +143,7 @@ def run_evaluate_stage(params) -> dict:
     """Evaluate ``train.out_dir`` (and the untrained model) → ``metrics/eval.json`` and plots."""
     from mpe.cache import open_cache
     from mpe.model import MultiPromptCLIP
-    from mpe.plots import loss_curves, recall_bars
+    from mpe.plots import loss_curves, prompt_maps, recall_bars
     from mpe.text.tower import LLMTextTower
 
     ks = tuple(params.evaluate.ks)
@@ -155,4 +174,9 @@ def run_evaluate_stage(params) -> dict:
     hist = Path(params.evaluate.out_dir) / "train_history.json"
     if hist.exists():
         loss_curves(json.loads(hist.read_text()), plots / "loss.png")
+    test, _ = load_split(data_root / "shards" / "test")
+    shown = test[:4]
+    emb = TextEmbedder(trained, cache)([s.caption for s in shown])
+    prompt_maps([s.image for s in shown], prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
+                [s.caption for s in shown], plots / "prompt_maps.png")
     return report

@@ -74,7 +74,7 @@ def build_model(params, base_dir: Path):
                                      provenance={"base_model_name": params.base_model.name})
 
 
-def _mlflow_start(params, cfg: dict, run_id: str | None) -> str:
+def _mlflow_start(params, cfg: dict, run_id: str | None, ray_run_name: str) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(cfg["tracking_uri"])
@@ -85,9 +85,9 @@ def _mlflow_start(params, cfg: dict, run_id: str | None) -> str:
     if run_id:
         mlflow.start_run(run_id=run_id)
         return run_id
-    run = mlflow.start_run(run_name=params.train.run_name)
+    run = mlflow.start_run(run_name=ray_run_name)
     mlflow.log_params(flatten_params(params))
-    mlflow.set_tags({"ray_run_name": params.train.run_name, "mpe.stage": "train"})
+    mlflow.set_tags({"ray_run_name": ray_run_name, "mpe.stage": "train"})
     return run.info.run_id
 
 
@@ -139,7 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
         state["restored_from_step"] = state["step"]
     cache = HiddenStateCache(Path(config["cache_folder"]), config["cache_fields"]) if config["cache_folder"] else None
     if rank == 0 and config["mlflow"]:
-        state["mlflow_run_id"] = _mlflow_start(params, config["mlflow"], state.get("mlflow_run_id"))
+        state["mlflow_run_id"] = _mlflow_start(params, config["mlflow"], state.get("mlflow_run_id"),
+                                               config["run_name"])
         if state["restored_from_step"] is not None:
             import mlflow
 
@@ -209,6 +210,28 @@ def count_train_samples(data_root: Path) -> int:
     return len(split_captions(data_root / "shards" / "train"))
 
 
+# Settings that do not change what a step computes: a rerun that differs only in these resumes.
+RESUMABLE_TRAIN_KEYS = {"run_name", "storage_path", "out_dir", "epochs", "max_steps", "checkpoint_every",
+                        "keep_checkpoints", "max_failures", "fail_at_step", "log_every", "save_dtype",
+                        "threads_per_worker"}
+
+
+def run_fingerprint(params, data_stats: dict | None, cache_fields: dict | None) -> str:
+    """Hash of everything that shapes the training trajectory (model, seed, data, cache, optimiser)."""
+    import hashlib
+
+    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in RESUMABLE_TRAIN_KEYS}
+    blob = {"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train,
+            "base_model": params.base_model.model_dump(mode="json"), "data": data_stats, "cache": cache_fields}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def effective_run_name(params, data_stats: dict | None, cache_fields: dict | None) -> str:
+    """``<run_name>-<fingerprint>``: the same inputs resume the same Ray run; new inputs start afresh
+    instead of silently continuing a run trained on something else."""
+    return f"{params.train.run_name}-{run_fingerprint(params, data_stats, cache_fields)}"
+
+
 def run_train_stage(params) -> dict:
     """Train with Ray Train and write the model folder to ``train.out_dir``; returns a summary."""
     import ray.train
@@ -237,19 +260,22 @@ def run_train_stage(params) -> dict:
         cache_folder = str(cache.folder)
         del tower
     storage = Path(tcfg.storage_path).resolve()
+    stats_file = data_root / "stats.json"
+    run_name = effective_run_name(params, json.loads(stats_file.read_text()) if stats_file.exists() else None,
+                                  cache_fields)
     mlflow_cfg = mlflow_settings(params)
     config = {"params": params.model_dump_json(), "base_dir": str(base_dir), "total_steps": total,
               "train_shards": str(data_root / "shards" / "train"), "cache_folder": cache_folder,
               "cache_fields": cache_fields, "mlflow": mlflow_cfg,
-              "fail_marker": str(storage / tcfg.run_name / ".injected_failure")}
-    (storage / tcfg.run_name).mkdir(parents=True, exist_ok=True)
+              "fail_marker": str(storage / run_name / ".injected_failure"), "run_name": run_name}
+    (storage / run_name).mkdir(parents=True, exist_ok=True)
     ensure_ray(params.ray)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
         run_config=ray.train.RunConfig(
-            name=tcfg.run_name, storage_path=str(storage),
+            name=run_name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints)))
     result = trainer.fit()
@@ -259,7 +285,7 @@ def run_train_stage(params) -> dict:
     with result.checkpoint.as_directory() as d:
         weights, _, state = read_checkpoint_dir(Path(d))
     load_trainable(model, weights)
-    model.provenance.update({"ray_run_name": tcfg.run_name, "mlflow_run_id": state.get("mlflow_run_id"),
+    model.provenance.update({"ray_run_name": run_name, "mlflow_run_id": state.get("mlflow_run_id"),
                              "steps": state["step"]})
     _save_trained(model, Path(tcfg.out_dir), tcfg.save_dtype)
     metrics_dir = Path(params.evaluate.out_dir)
@@ -267,7 +293,7 @@ def run_train_stage(params) -> dict:
     final = state["history"][-1] if state["history"] else {}
     summary = {"steps": state["step"], "total_steps": total, "train_samples": n_train,
                "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
-               "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": tcfg.run_name}
+               "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     write_text(metrics_dir / "train.json", json.dumps(summary, indent=1))
     if mlflow_cfg and state.get("mlflow_run_id"):
         _log_final_model(mlflow_cfg, state["mlflow_run_id"], Path(tcfg.out_dir), metrics_dir)

@@ -73,7 +73,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         _save_png(render(scene, cfg.image_size, rs), path)
     lists = {}
     for split, r in rows.items():
-        if r:
+        if r:  # a split with no rows (val_captions: 0) is simply not written
             lists[split] = out / "url_lists" / f"{split}.parquet"
             _write_parquet(pd.DataFrame(r), lists[split])
     write_text(out / "negation.json", json.dumps(negation, indent=1))

@@ -1,0 +1,105 @@
+"""Ray Train with 2 workers for real: an injected worker failure restarts from the last checkpoint,
+a rerun with the same name resumes, rank 0 logs to MLflow; evaluation matches CLIP_benchmark."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from mpe.config import load_params
+from mpe.model import MultiPromptCLIP
+from tests.integration.conftest import small_params, write_params
+
+
+@pytest.fixture(scope="module")
+def trained(project, tiny_base_dir, ray_session):
+    from mpe.train import run_train_stage
+
+    root, _ = project
+    data = small_params(root, tiny_base_dir, train={"fail_at_step": 3, "max_failures": 1})
+    params = load_params(write_params(root, data))
+    summary = run_train_stage(params)
+    return root, params, summary
+
+
+def test_failure_restarts_from_last_checkpoint(trained):
+    root, params, summary = trained
+    assert summary["steps"] == summary["total_steps"] == 6
+    assert summary["restored_from_step"] == 2  # checkpoint at step 2, failure before step 4
+    assert (Path(params.train.storage_path) / summary["ray_run_name"] / ".injected_failure").exists()
+    history = json.loads((root / "metrics" / "train_history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_trained_folder_loads_and_differs_from_untrained(trained):
+    root, params, _ = trained
+    m = MultiPromptCLIP.from_pretrained(params.train.out_dir)
+    assert m.provenance["ray_run_name"].startswith(params.train.run_name + "-")
+    base = MultiPromptCLIP.from_base(params.base_model.out_dir, params.model)
+    with torch.no_grad():
+        a, b = m.encode_text(["a red circle"]), base.encode_text(["a red circle"])
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_rank0_logged_params_metrics_and_model_to_mlflow(trained):
+    root, params, summary = trained
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model.text.num_prompts"] == "2"
+    assert run.data.tags["ray_run_name"] == summary["ray_run_name"]
+    client = mlflow.MlflowClient()
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted({m.step for m in losses}) == list(range(1, 7))
+    assert client.get_metric_history(run.info.run_id, "restored_from_step")[0].value == 2
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/mpe_config.json" in names and "model/text_model" in names
+
+
+def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
+    from mpe.train import run_train_stage
+
+    root, _, _ = trained
+    data = small_params(root, tiny_base_dir, train={"max_steps": 8})
+    summary = run_train_stage(load_params(write_params(root, data)))
+    assert summary["restored_from_step"] == 6 and summary["steps"] == 8
+    assert summary["ray_run_name"] == trained[2]["ray_run_name"]
+
+
+def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
+    from mpe.train import effective_run_name
+
+    root, params = project
+    other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 1e-3})})
+    longer = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": 99})})
+    assert effective_run_name(other, None, None) != effective_run_name(params, None, None)
+    assert effective_run_name(longer, None, None) == effective_run_name(params, None, None)
+
+
+def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
+    from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
+
+    from mpe.cache import open_cache
+    from mpe.data.loader import load_split
+    from mpe.evaluate import TextEmbedder, embed_images, run_evaluate_stage
+
+    root, params, _ = trained
+    report = run_evaluate_stage(params)
+    assert (root / "plots" / "recall.png").stat().st_size > 0 and (root / "plots" / "loss.png").exists()
+    model = MultiPromptCLIP.from_pretrained(params.train.out_dir)
+    test, _ = load_split(root / "data" / "shards" / "test")
+    texts = list(dict.fromkeys(s.caption for s in test))
+    cache = open_cache(params, model.text, Path(params.base_model.out_dir))
+    t = TextEmbedder(model, cache)(texts)
+    v = embed_images(model, [s.image for s in test])
+    pos = torch.tensor([[s.caption == x for s in test] for x in texts])
+    scores = t @ v.T
+    for k in (1, 5, 10):
+        t2i = (recall_at_k(scores, pos, k) > 0).float().mean().item()
+        i2t = (recall_at_k(scores.T, pos.T, k) > 0).float().mean().item()
+        assert report["trained"][f"text_to_image_R@{k}"] == pytest.approx(t2i, abs=1e-6)
+        assert report["trained"][f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-6)
+    assert 0 <= report["trained"]["negation_accuracy"] <= 1
+    assert report["chance"]["text_to_image_R@1"] == pytest.approx(1 / len(test))
