@@ -12,7 +12,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install test test-fast run bench clean
+# Prefect keeps its local database (flow runs, deployments) in the project, where `make ui` finds it.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+
+.PHONY: install test test-fast run ui bench clean
 
 install: $(STAMP)
 
@@ -34,6 +38,19 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# The whole default pipeline: the Prefect retrain flow (DVC stages, push, MLflow registration).
+run: $(STAMP)
+	$(BIN)/mpe run
+
+# MLflow and Prefect UIs on 127.0.0.1; Ctrl-C stops both.
+ui: $(STAMP)
+	@echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200   (Ctrl-C stops both)"
+	@trap 'kill 0' INT TERM EXIT; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db \
+	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 & \
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
+	wait
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_encoder.py

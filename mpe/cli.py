@@ -52,8 +52,13 @@ def _print_json(obj) -> None:
 def cmd_data(args) -> None:
     from mpe.data.prepare import prepare_data
 
+    from mpe.atomic import write_text
+
     params = _load_params(args.params)
     stats = prepare_data(params.data, params.seed)
+    import json
+
+    write_text(Path(params.evaluate.out_dir) / "data.json", json.dumps(stats, indent=1))
     for split, s in stats["splits"].items():
         print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
 
@@ -84,6 +89,32 @@ def cmd_evaluate(args) -> None:
     _print_json({k: v for k, v in report.items() if k != "details"})
 
 
+def cmd_register(args) -> None:
+    from mpe.registry import run_register_stage
+
+    _print_json(run_register_stage(_load_params(args.params), Path(".")))
+
+
+def cmd_compare(args) -> None:
+    from mpe.compare import write_comparison
+
+    print(write_comparison(_load_params(args.params), Path(args.out), args.last), end="")
+
+
+def cmd_run(args) -> None:
+    from flows.retrain import retrain
+    from mpe.summary import run_summary
+
+    retrain(params_path=args.params, project_dir=".")
+    print(run_summary(_load_params(args.params)))
+
+
+def cmd_schedule(args) -> None:
+    from flows.retrain import serve_nightly
+
+    serve_nightly(_load_params(args.params), args.params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpe", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -111,8 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("cache", cmd_cache, "store the frozen trunk's hidden states for every unique caption"),
         ("train", cmd_train, "train with Ray Train (TorchTrainer); resumes a run of the same name"),
         ("evaluate", cmd_evaluate, "retrieval, negation and zero-shot metrics and plots"),
+        ("register", cmd_register, "register the trained model in MLflow; gate @champion vs @challenger"),
+        ("run", cmd_run, "the whole retrain flow (Prefect): DVC stages, push, register"),
+        ("schedule", cmd_schedule, "serve the retrain flow on its cron schedule (Prefect)"),
     ]:
         sub.add_parser(name, help=text).set_defaults(func=func)
+    cmp_ = sub.add_parser("compare", help="a markdown table of the last N MLflow runs")
+    cmp_.add_argument("--last", type=int, default=5)
+    cmp_.add_argument("--out", default="metrics/compare.md")
+    cmp_.set_defaults(func=cmd_compare)
     return p
 
 
@@ -126,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
 
     disable_telemetry()
     args = build_parser().parse_args(argv)
+    if Path(args.params).exists():
+        from mpe.ray_cluster import prefer_loopback
+
+        try:
+            prefer_loopback(_load_params(args.params).ray)
+        except ConfigError:
+            pass  # the command itself reports the bad params
     try:
         args.func(args)
     except (ConfigError, BaseModelError, DataError, CacheMismatch, ValueError, FileNotFoundError,

@@ -15,7 +15,7 @@ Pooling = Literal["multi_prompt", "mean", "last_token", "prompt_last_token", "de
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class VanillaTextConfig(_Strict):
@@ -221,6 +221,24 @@ class EvalConfig(_Strict):
     compare_untrained: bool = True
 
 
+class RegisterConfig(_Strict):
+    """MLflow model registry and the promotion gate."""
+
+    model_name: str = "mpe-multiprompt"
+    gate_metric: str = Field("mean_recall", description="mean_recall, or a key of metrics/eval.json's 'trained'")
+    margin: float = Field(0.005, ge=0)
+
+
+class DvcConfig(_Strict):
+    remote: str = "localremote"
+    push: bool = True
+
+
+class ScheduleConfig(_Strict):
+    cron: str = "0 2 * * *"
+    deployment: str = "nightly"
+
+
 class Params(_Strict):
     """The whole ``params.yaml``."""
 
@@ -233,6 +251,10 @@ class Params(_Strict):
     evaluate: EvalConfig = EvalConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
+    # "register" is the params.yaml key; the attribute name avoids shadowing ABC.register
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    dvc: DvcConfig = DvcConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

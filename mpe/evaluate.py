@@ -179,4 +179,24 @@ def run_evaluate_stage(params) -> dict:
     emb = TextEmbedder(trained, cache)([s.caption for s in shown])
     prompt_maps([s.image for s in shown], prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
                 [s.caption for s in shown], plots / "prompt_maps.png")
+    log_to_training_run(params, report, plots)
     return report
+
+
+def log_to_training_run(params, report: dict, plots: Path) -> None:
+    """Add the evaluation to the MLflow run that trained the model (from ``metrics/train.json``)."""
+    train_file = Path(params.evaluate.out_dir) / "train.json"
+    run_id = json.loads(train_file.read_text()).get("mlflow_run_id") if train_file.exists() else None
+    if not run_id:
+        return
+    import mlflow
+
+    from mpe.train import mlflow_settings
+
+    mlflow.set_tracking_uri(mlflow_settings(params)["tracking_uri"])
+    with mlflow.start_run(run_id=run_id):
+        metrics = {f"eval.{k}": v for k, v in report["trained"].items()}
+        metrics.update({f"eval_untrained.{k}": v for k, v in report.get("untrained", {}).items()})
+        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+        for png in sorted(plots.glob("*.png")):
+            mlflow.log_artifact(str(png), artifact_path="plots")

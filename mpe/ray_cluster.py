@@ -1,21 +1,107 @@
-"""Starting or joining a Ray cluster with nothing leaving the machine by default."""
+"""Starting or joining a Ray cluster, with nothing leaving the machine when it is local.
+
+Two of Ray's habits reach outside a laptop even with usage stats off, and are switched off here for
+the local cluster only:
+- the dashboard process's usage module probes cloud metadata endpoints (169.254.169.254,
+  metadata.google.internal) unless ``~/ray_bootstrap_config.yaml`` names a provider: the local
+  cluster's processes get a HOME of their own that holds one (``provider: local``);
+- torch's TCP rendezvous reverse-resolves ``::ffff:127.0.0.1`` through DNS: on one machine the
+  process group meets through a file store instead (:class:`FileStoreTorchConfig`).
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_local(cfg) -> bool:
+    return not cfg.address and "RAY_ADDRESS" not in os.environ
+
+
+def prefer_loopback(cfg) -> None:
+    """For a local cluster make every Ray process use 127.0.0.1.
+
+    Ray reads this switch when it is first imported, so callers run this before importing ray; the
+    CLI does it for every command. Left alone when an address (a real cluster) is configured.
+    """
+    if is_local(cfg):
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
+def _local_ray_home() -> Path:
+    home = Path(tempfile.gettempdir()) / f"mpe-ray-home-{os.getuid()}"
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "ray_bootstrap_config.yaml"
+    if not cfg.exists():
+        cfg.write_text("# written by mpe: a local cluster, so Ray does not probe cloud metadata\n"
+                       "provider:\n  type: local\n")
+    return home
 
 
 def ensure_ray(cfg) -> None:
-    """``ray.init`` once: a local cluster bound to 127.0.0.1 (no dashboard, no usage stats), or the
-    cluster at ``ray.address`` (``auto``, ``ray://host:10001``)."""
+    """``ray.init`` once: a local cluster on 127.0.0.1 (no dashboard UI, no usage stats, no cloud
+    probes), or the cluster at ``ray.address`` (``auto``, ``ray://host:10001``)."""
+    prefer_loopback(cfg)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if cfg.address:
+    if not is_local(cfg):
         ray.init(address=cfg.address, log_to_driver=True)
-    else:
+        return
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(_local_ray_home())  # inherited by the processes ray.init starts
+    try:
+        # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns
+        # about that every second; Ray's own logs are kept to errors on the local cluster.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+                 log_to_driver=True, configure_logging=False,
+                 logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
+    finally:
+        if old_home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = old_home
+
+
+def torch_config(cfg, use_gpu: bool, store_dir: Path):
+    """The TorchTrainer backend config: a file-store rendezvous on one machine, TCP on a cluster."""
+    from ray.train.torch import TorchConfig
+
+    backend = "nccl" if use_gpu else "gloo"
+    if is_local(cfg):
+        store_dir.mkdir(parents=True, exist_ok=True)
+        return _file_store_config_cls()(backend=backend, store_dir=str(store_dir))
+    return TorchConfig(backend=backend)
+
+
+def _file_store_config_cls():
+    import ray
+    from ray.train.torch.config import (TorchConfig, _set_torch_distributed_env_vars, _setup_torch_process_group,
+                                        _TorchBackend)
+
+    class _FileStoreBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            store = Path(backend_config.store_dir) / f"torch-store-{uuid.uuid4().hex}"
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(
+                i, _setup_torch_process_group, backend=backend_config.backend, world_rank=i,
+                world_size=len(worker_group), init_method=store.as_uri(), timeout_s=backend_config.timeout_s)
+                for i in range(len(worker_group))])
+
+    @dataclass
+    class FileStoreTorchConfig(TorchConfig):
+        store_dir: str = ""
+
+        @property
+        def backend_cls(self):
+            return _FileStoreBackend
+
+    return FileStoreTorchConfig

@@ -235,11 +235,11 @@ def effective_run_name(params, data_stats: dict | None, cache_fields: dict | Non
 def run_train_stage(params) -> dict:
     """Train with Ray Train and write the model folder to ``train.out_dir``; returns a summary."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from mpe.atomic import write_text
     from mpe.cache import cache_fields_for, load_text_tower
-    from mpe.ray_cluster import ensure_ray
+    from mpe.ray_cluster import ensure_ray, torch_config
 
     tcfg = params.train
     base_dir = Path(params.base_model.out_dir).resolve()
@@ -272,7 +272,7 @@ def run_train_stage(params) -> dict:
     ensure_ray(params.ray)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+        torch_config=torch_config(params.ray, tcfg.use_gpu, storage / run_name / "rendezvous"),
         scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(storage),
@@ -296,7 +296,9 @@ def run_train_stage(params) -> dict:
                "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     write_text(metrics_dir / "train.json", json.dumps(summary, indent=1))
     if mlflow_cfg and state.get("mlflow_run_id"):
-        _log_final_model(mlflow_cfg, state["mlflow_run_id"], Path(tcfg.out_dir), metrics_dir)
+        summary["model_uri"] = _log_final_model(mlflow_cfg, state["mlflow_run_id"], Path(tcfg.out_dir),
+                                                metrics_dir, params.model.embed_dim)
+        write_text(metrics_dir / "train.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -323,15 +325,19 @@ def mlflow_settings(params) -> dict | None:
     return {"tracking_uri": uri, "artifact_location": location}
 
 
-def _log_final_model(mlflow_cfg: dict, run_id: str, model_dir: Path, metrics_dir: Path) -> None:
+def _log_final_model(mlflow_cfg: dict, run_id: str, model_dir: Path, metrics_dir: Path, embed_dim: int) -> str:
+    """Log the trained folder as the pyfunc (models from code) in rank 0's run; returns its URI."""
     import mlflow
+
+    from mpe.registry import log_pyfunc
 
     mlflow.set_tracking_uri(mlflow_cfg["tracking_uri"])
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        uri = log_pyfunc(model_dir, embed_dim)
         hist = metrics_dir / "train_history.json"
         if hist.exists():
             from mpe.plots import loss_curves
 
             png = loss_curves(json.loads(hist.read_text()), Path(tempfile.mkdtemp()) / "loss.png")
             mlflow.log_artifact(str(png), artifact_path="plots")
+    return uri

@@ -10,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from mpe.telemetry import disable_telemetry  # noqa: E402
 
 disable_telemetry()
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # tests only start local Ray on 127.0.0.1
+
+import copy
 
 import pytest
 import torch
@@ -67,3 +70,13 @@ def tiny_lm(arch: str, tokenizer, attn: str = "eager", seed: int = 0):
             if p.dim() > 1:
                 p.normal_(0, 0.15)
     return lm.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-base")
+    tok = copy.deepcopy(tokenizer)
+    lm = tiny_lm("llama", tok)
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from mpe.config import load_params
 from mpe.model import MultiPromptCLIP
-from tests.integration.conftest import small_params, write_params
+from tests.project_config import small_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,31 @@ def test_rank0_logged_params_metrics_and_model_to_mlflow(trained):
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted({m.step for m in losses}) == list(range(1, 7))
     assert client.get_metric_history(run.info.run_id, "restored_from_step")[0].value == 2
-    names = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/mpe_config.json" in names and "model/text_model" in names
+    assert "plots/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+
+
+def test_logged_pyfunc_embeds_text_and_images_like_the_model(trained):
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    root, params, summary = trained
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(summary["model_uri"])
+    img = Image.new("RGB", (32, 32), (20, 200, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    df = pd.DataFrame({"text": ["a red circle", None], "image": [None, base64.b64encode(buf.getvalue()).decode()]})
+    out = pyfunc.predict(df)
+    m = MultiPromptCLIP.from_pretrained(params.train.out_dir)
+    with torch.no_grad():
+        t, v = m.encode_text(["a red circle"]), m.encode_image([img])
+    assert out.shape == (2, 64)
+    assert abs(out[0] - t[0].numpy()).max() < 1e-5 and abs(out[1] - v[0].numpy()).max() < 1e-5
+    with pytest.raises(Exception, match="neither a 'text'"):
+        pyfunc.predict(pd.DataFrame({"text": [None], "image": [None]}))
 
 
 def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):

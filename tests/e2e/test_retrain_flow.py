@@ -1,0 +1,236 @@
+"""The lifecycle end to end on a small project: a Prefect server on 127.0.0.1 (started and stopped
+here), the nightly deployment from prefect.yaml run by a process worker, the retrain flow through
+DVC, push to a local DVC remote, MLflow registration with lineage and the promotion gate, loading
+the champion in a fresh process, and a fresh clone + ``dvc pull`` restoring the outputs."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.project_config import small_params
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+COPY = ["mpe", "flows", "dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, cwd, env, timeout=600):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def _params(base: Path, **train) -> dict:
+    p = small_params(Path(""), base, train={"max_steps": 30, "lr": 2e-3, **train})
+    p["register"] = {"model_name": "mpe-e2e", "margin": 0.0}
+    p["dvc"] = {"remote": "localremote"}
+    return p
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                os.killpg(server.pid, signal.SIGKILL)
+                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    env["PREFECT_API_URL"] = url
+    old = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield env
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = old
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base_dir, prefect_env):
+    proj = tmp_path_factory.mktemp("e2e") / "proj"
+    proj.mkdir()
+    for item in COPY:
+        src, dst = REPO / item, proj / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    remote = proj.parent / "dvc-remote"
+    cfg = (proj / ".dvc" / "config").read_text().replace("~/.cache/mpe/dvc-remote", str(remote))
+    (proj / ".dvc" / "config").write_text(cfg)
+    (proj / "params.yaml").write_text(yaml.safe_dump(_params(tiny_base_dir, lr=1e-9)))  # run A: weak
+    _git(proj, "init", "-q")
+    _git(proj, "add", "-A")
+    _git(proj, "commit", "-qm", "project")
+    return proj, remote
+
+
+def _flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    import anyio
+
+    async def read():
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).state.type.value
+
+    return anyio.run(read)
+
+
+def _registry(proj):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, prefect_env):
+    proj, _ = project
+    env = {**prefect_env, "PWD": str(proj)}
+    _run([str(BIN / "prefect"), "work-pool", "create", "local-process", "--type", "process"], proj, env)
+    _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], proj, env)
+    info = _run([str(BIN / "prefect"), "deployment", "inspect", "retrain/nightly"], proj, env)
+    assert "0 2 * * *" in info and "local-process" in info
+    out = _run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly"], proj, env)
+    run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+    _run([str(BIN / "prefect"), "worker", "start", "--pool", "local-process", "--type", "process", "--run-once"],
+         proj, env, timeout=900)
+    deadline = time.monotonic() + 600
+    while _flow_run_state(run_id) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _flow_run_state(run_id) == "COMPLETED"
+    for out_dir in ("data", "models/base", "cache", "models/trained", "plots"):
+        assert (proj / out_dir).exists(), out_dir
+    reg = json.loads((proj / "metrics" / "register.json").read_text())
+    assert reg["version"] == "1" and reg["alias"] == "champion"
+    tags = _registry(proj).get_model_version("mpe-e2e", "1").tags
+    assert tags["prefect_flow_run_id"] == run_id
+
+
+def _flow(proj, params):
+    from flows.retrain import retrain
+
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    try:
+        return retrain(params_path="params.yaml", project_dir=str(proj))
+    finally:
+        os.chdir(cwd)
+
+
+def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
+    proj, _ = project
+    cache_summary = (proj / "cache" / "summary.json").stat().st_mtime
+    result = _flow(proj, _params(tiny_base_dir))
+    assert result["alias"] == "champion" and result["version"] == "2", result
+    assert result["score"] > result["champion_score"]
+    # only train and evaluate depended on the change: data, base model and cache were skipped
+    assert (proj / "cache" / "summary.json").stat().st_mtime == cache_summary
+    client = _registry(proj)
+    tags = client.get_model_version("mpe-e2e", "2").tags
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    assert tags["dvc.model"] == lock["train"]["outs"][0]["md5"]
+    assert tags["dvc.data"] == lock["data"]["outs"][0]["md5"]
+    assert tags["dvc.cache"] == lock["cache"]["outs"][0]["md5"]
+    assert len(tags["git_commit"].split("-")[0]) == 40
+    assert tags["base_model"] == str(tiny_base_dir) and tags["ray_run_name"].startswith("mpe-default-")
+    assert tags["prefect_flow_run_id"] and tags["mlflow_train_run_id"]
+    assert client.get_model_version_by_alias("mpe-e2e", "champion").version == "2"
+
+
+def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_dir):
+    proj, _ = project
+    result = _flow(proj, _params(tiny_base_dir, lr=2e-9))
+    assert result["alias"] == "challenger" and not result["promoted"], result
+    assert "does not beat" in result["reason"]
+    client = _registry(proj)
+    assert client.get_model_version_by_alias("mpe-e2e", "champion").version == "2"
+    assert client.get_model_version_by_alias("mpe-e2e", "challenger").version == "3"
+    from mpe.dvc_runner import status_clean
+
+    clean, text = status_clean(proj)
+    assert clean, text
+
+
+def test_4_champion_loads_in_a_fresh_process_and_embeds(project):
+    proj, _ = project
+    code = """
+import base64, io, sys, mlflow, pandas as pd
+from PIL import Image
+mlflow.set_tracking_uri(sys.argv[1])
+m = mlflow.pyfunc.load_model("models:/mpe-e2e@champion")
+buf = io.BytesIO(); Image.new("RGB", (40, 40), (200, 20, 20)).save(buf, format="PNG")
+out = m.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, base64.b64encode(buf.getvalue()).decode()]}))
+import numpy as np
+print(out.shape, np.round(np.linalg.norm(out, axis=1), 4).tolist())
+"""
+    out = _run([sys.executable, "-c", code, f"sqlite:///{proj / 'mlruns.db'}"], proj, os.environ.copy())
+    assert "(2, 64) [1.0, 1.0]" in out
+
+
+def test_5_fresh_clone_and_dvc_pull_restore_outputs_byte_identical(project, tmp_path):
+    proj, _ = project
+    _git(proj, "add", "-A")
+    _git(proj, "commit", "-qm", "outputs of the last run")
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(proj), str(clone))
+    from mpe.dvc_runner import pull
+
+    pull(clone, log=lambda line: None)
+    for out_dir in ("data", "cache", "models/trained", "models/base"):
+        cmp = filecmp.dircmp(proj / out_dir, clone / out_dir)
+        _assert_same_tree(cmp, proj / out_dir, clone / out_dir)
+
+
+def _assert_same_tree(cmp, a, b):
+    assert not cmp.left_only and not cmp.right_only, (a, cmp.left_only, cmp.right_only)
+    match, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+    assert not mismatch and not errors, (a, mismatch, errors)
+    for name, sub in cmp.subdirs.items():
+        _assert_same_tree(sub, a / name, b / name)
