@@ -90,8 +90,8 @@ def register_and_gate(params, model_uri: str, new_metrics: dict, lineage: dict,
         champ = client.get_model_version_by_alias(cfg.model_name, "champion")
     except mlflow.exceptions.MlflowException:
         champ = None
-    if champ is not None and champ.version != version.version:
-        champion_version = champ.version
+    if champ is not None and str(champ.version) != str(version.version):
+        champion_version = str(champ.version)
         same_test = champ.tags.get("test_set_sha256") == lineage.get("test_set_sha256")
         if same_test and f"eval.{cfg.gate_metric}" in champ.tags:
             champion_score = float(champ.tags[f"eval.{cfg.gate_metric}"])
@@ -101,7 +101,7 @@ def register_and_gate(params, model_uri: str, new_metrics: dict, lineage: dict,
     alias = "champion" if promote else "challenger"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
     client.set_model_version_tag(cfg.model_name, version.version, "gate.decision", reason)
-    return {"model_name": cfg.model_name, "version": version.version, "alias": alias, "promoted": promote,
+    return {"model_name": cfg.model_name, "version": str(version.version), "alias": alias, "promoted": promote,
             "reason": reason, "score": score, "champion_score": champion_score,
             "previous_champion_version": champion_version}
 

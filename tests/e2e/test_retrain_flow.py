@@ -49,7 +49,10 @@ def _params(base: Path, **train) -> dict:
     p = small_params(Path(""), base, train={"max_steps": 30, "lr": 2e-3, **train})
     p["register"] = {"model_name": "mpe-e2e", "margin": 0.0}
     p["dvc"] = {"remote": "localremote"}
-    return p
+    # every key written out: DVC checks the keys dvc.yaml names exist in params.yaml
+    from mpe.config import Params
+
+    return Params.model_validate(p).model_dump(mode="json", by_alias=True)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +178,13 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
     client = _registry(proj)
     tags = client.get_model_version("mpe-e2e", "2").tags
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
-    assert tags["dvc.model"] == lock["train"]["outs"][0]["md5"]
-    assert tags["dvc.data"] == lock["data"]["outs"][0]["md5"]
-    assert tags["dvc.cache"] == lock["cache"]["outs"][0]["md5"]
+    out = {o["path"]: o["md5"] for stage in lock.values() for o in stage["outs"]}
+    assert tags["dvc.model"] == out["models/trained"] and tags["dvc.model"].endswith(".dir")
+    assert tags["dvc.data"] == out["data"] and tags["dvc.cache"] == out["cache"]
     assert len(tags["git_commit"].split("-")[0]) == 40
     assert tags["base_model"] == str(tiny_base_dir) and tags["ray_run_name"].startswith("mpe-default-")
     assert tags["prefect_flow_run_id"] and tags["mlflow_train_run_id"]
-    assert client.get_model_version_by_alias("mpe-e2e", "champion").version == "2"
+    assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
 
 
 def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_dir):
@@ -190,8 +193,8 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_di
     assert result["alias"] == "challenger" and not result["promoted"], result
     assert "does not beat" in result["reason"]
     client = _registry(proj)
-    assert client.get_model_version_by_alias("mpe-e2e", "champion").version == "2"
-    assert client.get_model_version_by_alias("mpe-e2e", "challenger").version == "3"
+    assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("mpe-e2e", "challenger").version) == "3"
     from mpe.dvc_runner import status_clean
 
     clean, text = status_clean(proj)
