@@ -79,6 +79,13 @@ def register_and_gate(params, model_uri: str, new_metrics: dict, lineage: dict,
     cfg = params.registry
     mlflow.set_tracking_uri(mlflow_settings(params)["tracking_uri"])
     client = MlflowClient()
+    same = _already_registered(client, cfg.model_name, lineage.get("dvc.model"))
+    if same is not None:  # nothing changed since: keep the registry as it is
+        alias = next(iter(same.aliases), None)
+        return {"model_name": cfg.model_name, "version": str(same.version), "alias": alias or "none",
+                "promoted": False, "skipped": True,
+                "reason": f"this model (dvc md5 {lineage['dvc.model']}) is already version {same.version}",
+                "score": None, "champion_score": None, "previous_champion_version": None}
     version = mlflow.register_model(model_uri, cfg.model_name)
     for k, v in lineage.items():
         client.set_model_version_tag(cfg.model_name, version.version, k, "" if v is None else str(v))
@@ -104,6 +111,22 @@ def register_and_gate(params, model_uri: str, new_metrics: dict, lineage: dict,
     return {"model_name": cfg.model_name, "version": str(version.version), "alias": alias, "promoted": promote,
             "reason": reason, "score": score, "champion_score": champion_score,
             "previous_champion_version": champion_version}
+
+
+def _already_registered(client, name: str, model_md5: str | None):
+    """The registered version whose model output has this DVC hash, if any."""
+    if not model_md5:
+        return None
+    import mlflow
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    for v in versions:
+        if v.tags.get("dvc.model") == model_md5:
+            return client.get_model_version(name, v.version)  # search results omit aliases
+    return None
 
 
 def run_register_stage(params, project: Path = Path("."), flow_run_id: str | None = None) -> dict:

@@ -201,7 +201,33 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_di
     assert clean, text
 
 
-def test_4_champion_loads_in_a_fresh_process_and_embeds(project):
+def test_3b_a_rerun_with_nothing_changed_skips_every_stage_and_the_registry(project, tiny_base_dir):
+    proj, _ = project
+    before = (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime
+    result = _flow(proj, _params(tiny_base_dir, lr=2e-9))
+    assert result["skipped"] and result["version"] == "3" and result["alias"] == "challenger", result
+    assert (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime == before
+
+
+def test_4_compare_tables_the_runs(project):
+    from mpe.compare import write_comparison
+    from mpe.config import load_params
+
+    proj, _ = project
+    params = load_params(proj / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        table = write_comparison(params, proj / "metrics" / "compare.md", last=5)
+    finally:
+        os.chdir(cwd)
+    lines = table.strip().splitlines()
+    assert "train.lr" in lines[0] and "t→i R@1" in lines[0] and "negation" in lines[0]
+    assert len(lines) == 2 + 3  # header, rule, three runs
+    assert {"2e-09", "0.002", "1e-09"} <= {c.strip() for line in lines[2:] for c in line.split("|")}
+
+
+def test_5_champion_loads_in_a_fresh_process_and_embeds(project):
     proj, _ = project
     code = """
 import base64, io, sys, mlflow, pandas as pd
@@ -217,7 +243,7 @@ print(out.shape, np.round(np.linalg.norm(out, axis=1), 4).tolist())
     assert "(2, 64) [1.0, 1.0]" in out
 
 
-def test_5_fresh_clone_and_dvc_pull_restore_outputs_byte_identical(project, tmp_path):
+def test_6_fresh_clone_and_dvc_pull_restore_outputs_byte_identical(project, tmp_path):
     proj, _ = project
     _git(proj, "add", "-A")
     _git(proj, "commit", "-qm", "outputs of the last run")

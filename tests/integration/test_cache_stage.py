@@ -85,3 +85,19 @@ def test_killed_cache_run_resumes(project, tmp_path):
     assert summary["already_cached"] >= 3 * 4
     assert summary["already_cached"] + summary["computed"] == total == summary["entries"]
     assert not list((tmp_path / "cache").rglob(".part-*"))  # no temp file left behind
+
+
+def test_ray_data_engine_writes_the_same_cache(project, tmp_path, ray_session):
+    """cache.engine: ray runs the trunk in Ray Data map_batches actors; the states match the local engine."""
+    root, params = project
+    ray_params = params.model_copy(update={"cache": params.cache.model_copy(
+        update={"engine": "ray", "root": str(tmp_path / "cache"), "part_size": 16})})
+    summary = run_cache_stage(ray_params)
+    assert summary["computed"] == summary["entries"] == len(texts_to_cache(params))
+    base = Path(params.base_model.out_dir)
+    tower = load_text_tower(params, base)
+    local, remote = open_cache(params, tower, base), open_cache(ray_params, tower, base)
+    for t in texts_to_cache(params)[::7]:
+        a, ca = local.get(t)
+        b, cb = remote.get(t)
+        assert ca == cb and torch.allclose(a.float(), b.float(), rtol=2e-3, atol=2e-3)
