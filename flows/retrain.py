@@ -66,6 +66,29 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     return register(params_path, project_dir)
 
 
+def ensure_work_pool(name: str = "local-process") -> None:
+    """Create the process work pool through Prefect's API.
+
+    ``prefect work-pool create`` asks the server for the pool types it knows, and the server fetches
+    Prefect's collection registry from GitHub for that; this call needs no network.
+    """
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    async def create() -> None:
+        async with get_client() as client:
+            try:
+                await client.create_work_pool(WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+            except ObjectAlreadyExists:
+                pass
+
+    anyio.run(create)
+
+
 def serve_nightly(params, params_path: str = "params.yaml") -> None:
     """Serve the flow on ``schedule.cron`` from this process (Ctrl-C stops it)."""
     retrain.serve(name=params.schedule.deployment, cron=params.schedule.cron,

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
-prefect work-pool create local-process --type process || true
+mpe work-pool --name local-process
 prefect --no-prompt deploy --all
 exec prefect worker start --pool local-process

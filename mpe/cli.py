@@ -109,6 +109,13 @@ def cmd_run(args) -> None:
     print(run_summary(_load_params(args.params)))
 
 
+def cmd_work_pool(args) -> None:
+    from flows.retrain import ensure_work_pool
+
+    ensure_work_pool(args.name)
+    print(f"work pool '{args.name}' (process) is ready")
+
+
 def cmd_schedule(args) -> None:
     from flows.retrain import serve_nightly
 
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("schedule", cmd_schedule, "serve the retrain flow on its cron schedule (Prefect)"),
     ]:
         sub.add_parser(name, help=text).set_defaults(func=func)
+    pool = sub.add_parser("work-pool", help="create the Prefect process work pool (offline-safe)")
+    pool.add_argument("--name", default="local-process")
+    pool.set_defaults(func=cmd_work_pool)
     cmp_ = sub.add_parser("compare", help="a markdown table of the last N MLflow runs")
     cmp_.add_argument("--last", type=int, default=5)
     cmp_.add_argument("--out", default="metrics/compare.md")

@@ -11,7 +11,7 @@ def small_params(root: Path, base: Path, **overrides) -> dict:
     p = {
         "seed": 0,
         "data": {"out_dir": str(root / "data"), "image_size": 32, "samples_per_shard": 40,
-                 "shapes": {"train_captions": 48, "images_per_caption": 2, "val_captions": 8,
+                 "shapes": {"train_captions": 48, "images_per_caption": 2, "val_captions": 0,
                             "test_captions": 24, "negation_queries": 10}},
         "base_model": {"name": str(base), "out_dir": str(root / "models" / "base"), "save_dtype": "float32"},
         "model": {"embed_dim": 64, "text": {"num_prompts": 2, "max_caption_tokens": 32},

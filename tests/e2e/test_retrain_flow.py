@@ -107,7 +107,7 @@ def project(tmp_path_factory, tiny_base_dir, prefect_env):
     remote = proj.parent / "dvc-remote"
     cfg = (proj / ".dvc" / "config").read_text().replace("~/.cache/mpe/dvc-remote", str(remote))
     (proj / ".dvc" / "config").write_text(cfg)
-    (proj / "params.yaml").write_text(yaml.safe_dump(_params(tiny_base_dir, lr=1e-9)))  # run A: weak
+    (proj / "params.yaml").write_text(yaml.safe_dump(_params(tiny_base_dir, lr=1e-9, max_steps=4)))  # A: weak
     _git(proj, "init", "-q")
     _git(proj, "add", "-A")
     _git(proj, "commit", "-qm", "project")
@@ -136,7 +136,7 @@ def _registry(proj):
 def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, prefect_env):
     proj, _ = project
     env = {**prefect_env, "PWD": str(proj)}
-    _run([str(BIN / "prefect"), "work-pool", "create", "local-process", "--type", "process"], proj, env)
+    _run([str(BIN / "mpe"), "work-pool", "--name", "local-process"], proj, env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], proj, env)
     info = _run([str(BIN / "prefect"), "deployment", "inspect", "retrain/nightly"], proj, env)
     assert "0 2 * * *" in info and "local-process" in info
@@ -189,7 +189,7 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
 
 def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_dir):
     proj, _ = project
-    result = _flow(proj, _params(tiny_base_dir, lr=2e-9))
+    result = _flow(proj, _params(tiny_base_dir, lr=2e-9, max_steps=4))
     assert result["alias"] == "challenger" and not result["promoted"], result
     assert "does not beat" in result["reason"]
     client = _registry(proj)
@@ -204,7 +204,7 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_di
 def test_3b_a_rerun_with_nothing_changed_skips_every_stage_and_the_registry(project, tiny_base_dir):
     proj, _ = project
     before = (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime
-    result = _flow(proj, _params(tiny_base_dir, lr=2e-9))
+    result = _flow(proj, _params(tiny_base_dir, lr=2e-9, max_steps=4))
     assert result["skipped"] and result["version"] == "3" and result["alias"] == "challenger", result
     assert (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime == before
 
