@@ -21,7 +21,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpe.base_model import load_base_model, resolve_base_model
+from mpe.base_model import resolve_base_model
+from mpe.text.lm_io import load_lm
 from mpe.config import TextConfig, VanillaTextConfig
 from mpe.text.apt_tokens import add_apt_tokens
 from mpe.text.prompt_sequence import PromptLayout, build_batch, tokenize_captions
@@ -80,7 +81,7 @@ def gemma_flops(tokenizer, caption_tokens: int = 32, k: int = 6) -> dict[str, fl
 
 def cpu_timing(captions: int, repeats: int, k: int = 4) -> dict[str, float]:
     base = resolve_base_model("smollm2-135m")
-    lm, tok = load_base_model(base, "sdpa")
+    lm, tok = load_lm(base, "sdpa")
     add_apt_tokens(lm, tok, k)
     tower = LLMTextTower(lm, tok, TextConfig(num_prompts=k, negation=True), embed_dim=256).eval()
     caps = [f"a large red circle to the left of a small blue square number {i} on a striped background"

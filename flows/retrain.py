@@ -1,12 +1,13 @@
-"""The retrain flow: the DVC stages in order, push to the DVC remote, register in MLflow.
+"""The retrain flow: the DVC stages of ``dvc.yaml`` in order, push to the DVC remote, register in MLflow.
 
-Thin by design: every task calls an ``mpe`` function; the logic lives in the library.
-Run it once with ``python -m flows.retrain`` (ephemeral local Prefect API) or ``mpe run``; serve it
-nightly with ``mpe schedule`` or deploy it with ``prefect deploy`` (see prefect.yaml).
+Thin by design: every task calls ``mpe``; the logic lives in the library. Run it once with
+``python -m flows.retrain`` (ephemeral local Prefect API) or ``mpe run``; serve it nightly with
+``mpe schedule`` or deploy it with ``prefect deploy`` (see prefect.yaml).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,32 +18,29 @@ disable_telemetry()
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
+from mpe.config import ScheduleConfig, load_params  # noqa: E402
+from mpe.dvc_runner import push, repro_stage, stage_names  # noqa: E402
+from mpe.stages import register as register_stage  # noqa: E402
+
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
 # from its last checkpoint). Deterministic stages fail the same way twice.
-RETRIES = {"data": 2, "base_model": 0, "cache": 1, "train": 1, "evaluate": 0}
+RETRIES = {"data": 2, "cache": 1, "train": 1}
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
 def dvc_stage(stage: str, project_dir: str) -> None:
-    from mpe.dvc_runner import repro_stage
-
     repro_stage(stage, Path(project_dir), get_run_logger().info)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=10)
 def dvc_push(project_dir: str, remote: str) -> None:
-    from mpe.dvc_runner import push
-
     push(Path(project_dir), remote, get_run_logger().info)
 
 
 @task(name="register")
 def register(params_path: str, project_dir: str) -> dict:
-    from mpe.config import load_params
-    from mpe.registry import run_register_stage
-
     params = load_params(Path(project_dir) / params_path)
-    result = run_register_stage(params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None)
+    result = register_stage.run(params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None)
     get_run_logger().info("registered %s version %s as @%s: %s", result["model_name"], result["version"],
                           result["alias"], result["reason"])
     return result
@@ -50,17 +48,12 @@ def register(params_path: str, project_dir: str) -> dict:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
-    """data → base_model → cache → train → evaluate (DVC), then push and register."""
-    import os
-
-    from mpe.config import load_params
-    from mpe.dvc_runner import STAGES
-
+    """The stages of dvc.yaml (each rerun only if its deps changed), then push and register."""
     project_dir = str(Path(project_dir).resolve())
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
     params = load_params(Path(project_dir) / params_path)
-    for stage in STAGES:
-        dvc_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=5)(stage, project_dir)
+    for stage in stage_names(Path(project_dir)):
+        dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5)(stage, project_dir)
     if params.dvc.push:
         dvc_push(project_dir, params.dvc.remote)
     return register(params_path, project_dir)
@@ -89,9 +82,9 @@ def ensure_work_pool(name: str = "local-process") -> None:
     anyio.run(create)
 
 
-def serve_nightly(params, params_path: str = "params.yaml") -> None:
+def serve_nightly(schedule: ScheduleConfig, params_path: str = "params.yaml") -> None:
     """Serve the flow on ``schedule.cron`` from this process (Ctrl-C stops it)."""
-    retrain.serve(name=params.schedule.deployment, cron=params.schedule.cron,
+    retrain.serve(name=schedule.deployment, cron=schedule.cron,
                   parameters={"params_path": params_path, "project_dir": str(Path.cwd())})
 
 

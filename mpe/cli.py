@@ -1,23 +1,40 @@
-"""The ``mpe`` command line: one sub-command per stage, each a thin call into the library."""
+"""The ``mpe`` command line: one sub-command per stage (each calls ``mpe.stages.<stage>.run``), the whole
+flow, and the model utilities. Errors a user can act on print one line and exit 2."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from mpe.config import Params, load_params
+from mpe.errors import ConfigError, MpeError
 
-def _load_params(path: str):
-    from mpe.config import Params, load_params
+DEFAULT_PARAMS = "params.yaml"
 
-    return load_params(path) if Path(path).exists() else Params()
+
+def _params(args, required: bool = True) -> Params:
+    """The params file named by ``--params``; the built-in defaults only where a command allows it and
+    no file was named."""
+    path = Path(args.params or DEFAULT_PARAMS)
+    if not path.exists():
+        if args.params or required:
+            where = "" if args.params else f" in {Path.cwd()} (run from the project directory, or pass --params)"
+            raise ConfigError(f"{path}: params file not found{where}")
+        return Params()
+    return load_params(path)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, default=str))
 
 
 def cmd_model_init(args) -> None:
     from mpe.base_model import resolve_base_model
     from mpe.model import MultiPromptCLIP
 
-    params = _load_params(args.params)
+    params = _params(args, required=False)
     cfg = params.model
     if args.num_prompts is not None:
         text = cfg.text.model_copy(update={"num_prompts": args.num_prompts})
@@ -25,7 +42,7 @@ def cmd_model_init(args) -> None:
     base = args.base or params.base_model.name
     base_dir = resolve_base_model(base, params.base_model.revision, params.base_model.save_dtype)
     model = MultiPromptCLIP.from_base(base_dir, cfg, trust_remote_code=params.base_model.trust_remote_code,
-                                      provenance={"base_model_name": base})
+                                      provenance={"base_model": base})
     model.save_pretrained(args.out)
     print(f"wrote an untrained {cfg.text.pooling} model (K={cfg.text.num_prompts}, base {base}) to {args.out}")
 
@@ -43,70 +60,72 @@ def cmd_embed(args) -> None:
     print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}")
 
 
-def _print_json(obj) -> None:
-    import json
-
-    print(json.dumps(obj, indent=1, default=str))
-
-
 def cmd_data(args) -> None:
-    from mpe.data.prepare import prepare_data
+    from mpe.stages import data
 
-    from mpe.atomic import write_text
-
-    params = _load_params(args.params)
-    stats = prepare_data(params.data, params.seed)
-    import json
-
-    write_text(Path(params.evaluate.out_dir) / "data.json", json.dumps(stats, indent=1))
+    stats = data.run(_params(args))
     for split, s in stats["splits"].items():
         print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
 
 
 def cmd_base_model(args) -> None:
-    from mpe.base_model import prepare_base_model
+    from mpe.stages import base_model
 
-    out = prepare_base_model(_load_params(args.params))
-    print(f"wrote the base model with APT tokens to {out}")
+    out = base_model.run(_params(args))
+    print(f"wrote the base model with {out['apt_tokens']} APT tokens to {out['out_dir']}")
 
 
 def cmd_cache(args) -> None:
-    from mpe.cache import run_cache_stage
+    from mpe.stages import cache
 
-    _print_json(run_cache_stage(_load_params(args.params)))
+    _print_json(cache.run(_params(args)))
 
 
 def cmd_train(args) -> None:
-    from mpe.train import run_train_stage
+    from mpe.stages import train
 
-    _print_json(run_train_stage(_load_params(args.params)))
+    _print_json(train.run(_params(args)))
 
 
 def cmd_evaluate(args) -> None:
-    from mpe.evaluate import run_evaluate_stage
+    from mpe.stages import evaluate
 
-    report = run_evaluate_stage(_load_params(args.params))
+    report = evaluate.run(_params(args))
     _print_json({k: v for k, v in report.items() if k != "details"})
 
 
 def cmd_register(args) -> None:
-    from mpe.registry import run_register_stage
+    from mpe.stages import register
 
-    _print_json(run_register_stage(_load_params(args.params), Path(".")))
+    _print_json(register.run(_params(args), Path(".")))
 
 
 def cmd_compare(args) -> None:
     from mpe.compare import write_comparison
+    from mpe.tracking_settings import tracking_settings
 
-    print(write_comparison(_load_params(args.params), Path(args.out), args.last), end="")
+    print(write_comparison(tracking_settings(_params(args).mlflow), Path(args.out), args.last), end="")
+
+
+def _project_params(args) -> Path:
+    """``mpe run``/``schedule`` run the DVC stages, which read the project's ``params.yaml``: any other file
+    would mix two configurations, so it is refused."""
+    path = Path(args.params or DEFAULT_PARAMS)
+    project = Path.cwd() / DEFAULT_PARAMS
+    if path.resolve() != project.resolve():
+        raise ConfigError(f"{path}: `mpe {args.command}` runs the DVC pipeline, which reads {project}; copy your "
+                          f"file there (cp {path} {DEFAULT_PARAMS}) or run the stages one by one with --params")
+    _params(args)  # validated before anything runs
+    return path
 
 
 def cmd_run(args) -> None:
     from flows.retrain import retrain
     from mpe.summary import run_summary
 
-    retrain(params_path=args.params, project_dir=".")
-    print(run_summary(_load_params(args.params)))
+    path = _project_params(args)
+    retrain(params_path=str(path), project_dir=".")
+    print(run_summary(load_params(path)))
 
 
 def cmd_work_pool(args) -> None:
@@ -119,12 +138,13 @@ def cmd_work_pool(args) -> None:
 def cmd_schedule(args) -> None:
     from flows.retrain import serve_nightly
 
-    serve_nightly(_load_params(args.params), args.params)
+    path = _project_params(args)
+    serve_nightly(load_params(path).schedule, str(path))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpe", description=__doc__)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", default=None, help="params file (default: params.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
@@ -165,26 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpe.base_model import BaseModelError
-    from mpe.cache import CacheMismatch
-    from mpe.config import ConfigError
-    from mpe.data.url_list import DataError
-
+    from mpe.ray_cluster import prefer_loopback
     from mpe.telemetry import disable_telemetry
 
     disable_telemetry()
     args = build_parser().parse_args(argv)
-    if Path(args.params).exists():
-        from mpe.ray_cluster import prefer_loopback
-
-        try:
-            prefer_loopback(_load_params(args.params).ray)
-        except ConfigError:
-            pass  # the command itself reports the bad params
     try:
+        if Path(args.params or DEFAULT_PARAMS).exists():
+            prefer_loopback(_params(args).ray)  # before anything imports ray
         args.func(args)
-    except (ConfigError, BaseModelError, DataError, CacheMismatch, ValueError, FileNotFoundError,
-            NotADirectoryError) as err:
+    except (MpeError, ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"mpe {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
+
+from mpe.atomic import write_text
+from mpe.tracking_settings import TrackingSettings
 
 HEADLINE = ["eval.text_to_image_R_at_1", "eval.text_to_image_R_at_5", "eval.text_to_image_R_at_10",
             "eval.image_to_text_R_at_1", "eval.image_to_text_R_at_5", "eval.image_to_text_R_at_10",
@@ -11,16 +15,14 @@ SHORT = {k: k.removeprefix("eval.").replace("_R_at_", " R@").replace("text_to_im
          .replace("image_to_text", "i→t").replace("negation_accuracy", "negation") for k in HEADLINE}
 
 
-def compare_runs(params, last: int = 5) -> str:
+def compare_runs(settings: TrackingSettings, last: int = 5) -> str:
     """A markdown table of the last ``last`` runs of the experiment (newest first)."""
     import mlflow
 
-    from mpe.train import mlflow_settings
-
-    mlflow.set_tracking_uri(mlflow_settings(params)["tracking_uri"])
-    exp = mlflow.get_experiment_by_name(params.mlflow.experiment)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
-        return f"no MLflow experiment '{params.mlflow.experiment}' yet: run the pipeline first\n"
+        return f"no MLflow experiment '{settings.experiment}' yet: run the pipeline first\n"
     runs = mlflow.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=last,
                               output_format="list")
     if not runs:
@@ -30,8 +32,6 @@ def compare_runs(params, last: int = 5) -> str:
     cols = ["run", "started"] + differing + [SHORT[k] for k in HEADLINE]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in runs:
-        import datetime as dt
-
         started = dt.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
         row = [r.info.run_name or r.info.run_id[:8], started]
         row += [str(r.data.params.get(k, "")) for k in differing]
@@ -43,9 +43,7 @@ def compare_runs(params, last: int = 5) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(params, out: Path, last: int = 5) -> str:
-    from mpe.atomic import write_text
-
-    table = compare_runs(params, last)
+def write_comparison(settings: TrackingSettings, out: Path, last: int = 5) -> str:
+    table = compare_runs(settings, last)
     write_text(out, table)
     return table

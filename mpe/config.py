@@ -11,7 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mpe.errors import ConfigError
+
 Pooling = Literal["multi_prompt", "mean", "last_token", "prompt_last_token", "defo", "vanilla_clip"]
+APT_POOLINGS = ("multi_prompt", "defo")  # the poolings that read the LLM through <APT-i> tokens
 
 
 class _Strict(BaseModel):
@@ -28,7 +31,7 @@ class VanillaTextConfig(_Strict):
 
 
 class TextConfig(_Strict):
-    """The LLM text tower and how captions are read through it (DESIGN §1)."""
+    """The LLM text tower and how captions are read through it (docs/METHOD.md)."""
 
     pooling: Pooling = "multi_prompt"
     num_prompts: int = Field(4, ge=1, description="K adaptive prompts (M APT tokens for defo)")
@@ -59,7 +62,7 @@ class TextConfig(_Strict):
 
     @property
     def uses_apt(self) -> bool:
-        return self.pooling in ("multi_prompt", "defo")
+        return self.pooling in APT_POOLINGS
 
 
 class VisionConfig(_Strict):
@@ -126,7 +129,7 @@ class BaseModelConfig(_Strict):
 
 
 class ShapesConfig(_Strict):
-    """Sizes of the synthetic shapes world (DESIGN §3)."""
+    """Sizes of the synthetic shapes world."""
 
     train_captions: int = Field(500, ge=1)
     images_per_caption: int = Field(4, ge=1)
@@ -264,10 +267,6 @@ class Params(_Strict):
         if self.cache.enabled and self.model.text.tuning == "lora":
             raise ValueError("model.text.tuning 'lora' trains every layer: set cache.enabled: false")
         return self
-
-
-class ConfigError(ValueError):
-    """A config file or mapping failed validation; the message names the key."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -1,4 +1,5 @@
-"""Running DVC from Python with its output streamed line by line (into a Prefect log, say)."""
+"""DVC from Python: the pipeline's stage list (read from ``dvc.yaml``, defined nowhere else), and
+``repro``/``push``/``pull``/``status`` with their output streamed line by line (into a Prefect log, say)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,23 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-STAGES = ("data", "base_model", "cache", "train", "evaluate")
+import yaml
+
+from mpe.errors import MpeError
 
 
-class DvcError(RuntimeError):
-    pass
+class DvcError(MpeError):
+    """A DVC command failed; the message holds its last lines."""
+
+
+def stage_names(project: Path) -> list[str]:
+    """The stages of ``dvc.yaml``, in the order written (which is the order they run)."""
+    dvc_yaml = Path(project) / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}
+    except FileNotFoundError:
+        raise DvcError(f"{dvc_yaml}: not found; run from the project directory") from None
+    return list(stages)
 
 
 def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> None:

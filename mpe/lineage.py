@@ -1,13 +1,14 @@
-"""Where a registered model came from: git commit, DVC output hashes, base model, runs."""
+"""Where a registered model came from: git commit, the DVC hashes of its inputs and outputs, runs."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from pathlib import Path
 
 import yaml
+
+from mpe.hashing import file_sha256
 
 
 def git_commit(project: Path) -> str:
@@ -35,33 +36,28 @@ def dvc_out_hashes(project: Path) -> dict[str, str]:
     return out
 
 
-def test_set_sha256(data_root: Path) -> str:
-    """Content hash of the test split's shards: two evaluations are comparable only if it matches."""
+def test_set_sha256(test_shards: Path) -> str:
+    """Content hash of a test split's shards: two evaluations are comparable only if it matches."""
     h = hashlib.sha256()
-    for tar in sorted((data_root / "shards" / "test").glob("*.tar")):
+    for tar in sorted(Path(test_shards).glob("*.tar")):
         h.update(tar.name.encode())
-        h.update(hashlib.sha256(tar.read_bytes()).hexdigest().encode())
+        h.update(file_sha256(tar).encode())
     return h.hexdigest()
 
 
-def lineage_tags(params, project: Path, flow_run_id: str | None = None) -> dict[str, str]:
-    """The tags every registered version carries."""
-    from mpe.cache import model_content_hash
-
-    outs = dvc_out_hashes(project)
-    train = Path(params.evaluate.out_dir) / "train.json"
-    train_info = json.loads(train.read_text()) if train.exists() else {}
-    base_dir = Path(params.base_model.out_dir)
-    return {
-        "git_commit": git_commit(project),
-        "dvc.data": outs.get(params.data.out_dir, ""),
-        "dvc.cache": outs.get(params.cache.root, ""),
-        "dvc.model": outs.get(params.train.out_dir, ""),
-        "dvc.base_model": outs.get(params.base_model.out_dir, ""),
-        "base_model": params.base_model.name + (f"@{params.base_model.revision}" if params.base_model.revision else ""),
-        "base_model_sha256": model_content_hash(base_dir) if base_dir.exists() else "",
+def lineage_tags(project: Path, outputs: dict[str, str], base_model: str, base_model_sha256: str,
+                 test_shards: Path, train_info: dict, flow_run_id: str | None = None) -> dict[str, str]:
+    """The tags every registered version carries. ``outputs`` maps a tag (``data``, ``cache``, ``model``,
+    ``base_model``) to the DVC output path whose hash it records."""
+    hashes = dvc_out_hashes(project)
+    tags = {"git_commit": git_commit(project)}
+    tags.update({f"dvc.{name}": hashes.get(path, "") for name, path in outputs.items()})
+    tags.update({
+        "base_model": base_model,
+        "base_model_sha256": base_model_sha256,
         "prefect_flow_run_id": flow_run_id or "",
         "ray_run_name": train_info.get("ray_run_name", ""),
         "mlflow_train_run_id": train_info.get("mlflow_run_id", ""),
-        "test_set_sha256": test_set_sha256(Path(params.data.out_dir)),
-    }
+        "test_set_sha256": test_set_sha256(test_shards),
+    })
+    return tags

@@ -1,4 +1,4 @@
-"""Contrastive, diversity and negation losses (DESIGN §1), numerically matching open_clip 3.3.0.
+"""Contrastive, diversity and negation losses (docs/METHOD.md), numerically matching open_clip 3.3.0.
 
 ``logit_scale`` is the multiplier itself (open_clip passes ``logit_scale.exp()``). Across workers the
 features are gathered *with* gradient and each rank computes its local loss: its own rows against
@@ -19,14 +19,6 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-
-    @staticmethod
-    def current() -> "Dist":
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return Dist(dist.get_rank(), dist.get_world_size())
-        return Dist()
 
 
 def gather_with_grad(x: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mpe import __version__
-from mpe.base_model import atomic_dir, commit_dir, load_base_model, save_plain_lm
+from mpe.atomic import atomic_dir
 from mpe.config import ModelConfig, validate
 from mpe.text.apt_tokens import add_apt_tokens
+from mpe.text.lm_io import load_lm, save_plain_lm
 from mpe.text.tower import LLMTextTower, TextEmbedding
 from mpe.text.vanilla_clip import VanillaCLIPTextTower
 from mpe.vision.preprocess import preprocess_batch
@@ -54,17 +54,22 @@ class MultiPromptCLIP(nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_base(cls, base_dir: str | Path, cfg: ModelConfig, dtype=torch.float32,
-                  trust_remote_code: bool = False, provenance: dict | None = None) -> "MultiPromptCLIP":
-        """An untrained model on the base LLM in ``base_dir`` (APT tokens added if missing)."""
-        lm, tok = load_base_model(base_dir, cfg.text.attn_implementation, dtype, trust_remote_code)
+                  trust_remote_code: bool = False, provenance: dict | None = None,
+                  seed: int | None = None) -> "MultiPromptCLIP":
+        """An untrained model on the base LLM in ``base_dir`` (APT tokens added if missing).
+
+        With ``seed`` the new weights are drawn from it: every training worker builds the same model.
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        lm, tok = load_lm(base_dir, cfg.text.attn_implementation, dtype, trust_remote_code)
         if cfg.text.pooling == "vanilla_clip":
             text = VanillaCLIPTextTower(tok, cfg.text.vanilla, cfg.embed_dim)
         else:
             if cfg.text.uses_apt:
                 add_apt_tokens(lm, tok, cfg.text.num_prompts, seed=cfg.text.apt_init_seed)
             text = LLMTextTower(lm, tok, cfg.text, cfg.embed_dim)
-        prov = {"base_model": str(base_dir), **(provenance or {})}
-        return cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim), prov)
+        return cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim), provenance)
 
     @property
     def device(self) -> torch.device:
@@ -131,8 +136,7 @@ class MultiPromptCLIP(nn.Module):
     def save_pretrained(self, out: str | Path) -> Path:
         """Write the model folder atomically (a temp folder renamed into place)."""
         out = Path(out)
-        tmp = atomic_dir(out)
-        try:
+        with atomic_dir(out) as tmp:
             if isinstance(self.text, LLMTextTower):
                 save_plain_lm(_merged_lm(self.text.lm), self.text.tokenizer, tmp / TEXT_DIR)
             else:
@@ -141,9 +145,6 @@ class MultiPromptCLIP(nn.Module):
             meta = {"mpe_version": __version__, "model": self.cfg.model_dump(mode="json"),
                     "provenance": self.provenance}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            commit_dir(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     @classmethod
@@ -161,7 +162,7 @@ class MultiPromptCLIP(nn.Module):
             text = VanillaCLIPTextTower(AutoTokenizer.from_pretrained(path / TOKENIZER_DIR), cfg.text.vanilla,
                                         cfg.embed_dim)
         else:
-            lm, tok = load_base_model(path / TEXT_DIR, cfg.text.attn_implementation, dtype)
+            lm, tok = load_lm(path / TEXT_DIR, cfg.text.attn_implementation, dtype)
             text = LLMTextTower(lm, tok, cfg.text, cfg.embed_dim)
         model = cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim, load_pretrained=False),
                     meta.get("provenance"))

@@ -28,17 +28,12 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
     return hits_at_k(scores, positives, k).float().mean().item()
 
 
-def retrieval_metrics(text_emb, image_emb, positives, ks=(1, 5, 10), similarity=None) -> dict:
+def retrieval_metrics(text_emb, image_emb, positives, ks=(1, 5, 10)) -> dict:
     """``text_to_image_R@k`` and ``image_to_text_R@k``; ``positives`` is (n_texts, n_images) bool."""
-    scores = similarity(text_emb, image_emb) if similarity else text_emb @ image_emb.T
+    scores = text_emb @ image_emb.T
     out = {}
     for k in ks:
         out[f"text_to_image_R@{k}"] = recall_at_k(scores, positives, k)
         out[f"image_to_text_R@{k}"] = recall_at_k(scores.T, positives.T, k)
     return out
 
-
-def chance_recall(positives: torch.Tensor, k: int) -> float:
-    """Expected R@k of random scores for text→image queries (one positive each: k / n_images)."""
-    n = positives.shape[1]
-    return min(1.0, k / n)

@@ -1,4 +1,4 @@
-"""Switch off every phone-home the pipeline's libraries do (DESIGN §3); called before they import."""
+"""Switch off every phone-home the pipeline's libraries do; called before they import."""
 
 from __future__ import annotations
 

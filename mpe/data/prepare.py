@@ -7,7 +7,6 @@ download; a change of parameters starts the split afresh (its fingerprint is kep
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,17 +16,29 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from mpe.atomic import atomic_path, write_text
+from mpe.atomic import atomic_path, write_json, write_text
 from mpe.config import DataConfig
-from mpe.data.shapes import plan_splits, render
-from mpe.data.url_list import DataError, read_url_list
+from mpe.data.evaluation_sets import NEGATION_FILE, ZERO_SHOT_FILE
+from mpe.data.shapes import plan_splits, render, zero_shot_prompts
+from mpe.data.url_list import read_url_list
+from mpe.data.stats import STATS_FILE, shard_stats
+from mpe.errors import DataError
+from mpe.hashing import file_sha256, fingerprint
 
 SPLITS = ("train", "val", "test", "negation")
 EXTRA_COLUMNS = ["id", "main_colour", "main_shape", "compositional"]
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def file_url(path: Path, relative: bool = True) -> str:
+    """A ``file:`` URL for a local image: relative to the working directory where the file lies below
+    it (so that URL lists and shards name no machine-specific path), else absolute."""
+    path = path.resolve()
+    if relative:
+        try:
+            return "file:" + path.relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_uri()
 
 
 def _write_parquet(df: pd.DataFrame, target: Path) -> None:
@@ -50,10 +61,13 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     rows: dict[str, list[dict]] = {k: [] for k in SPLITS}
     jobs = []
 
+    # img2dataset's multiprocessing workers share our working directory; other distributors may not
+    relative = cfg.distributor == "multiprocessing"
+
     def add(split, ident, scene, caption, compositional=False, render_seed=0):
-        path = (out / "raw" / split / f"{ident}.png").resolve()
+        path = out / "raw" / split / f"{ident}.png"
         jobs.append((scene, path, render_seed))
-        rows[split].append({"URL": path.as_uri(), "TEXT": caption, "id": ident, "main_colour": scene.main.colour,
+        rows[split].append({"URL": file_url(path, relative), "TEXT": caption, "id": ident, "main_colour": scene.main.colour,
                             "main_shape": scene.main.shape, "compositional": compositional})
 
     for i, scene in enumerate(plan.train):
@@ -76,8 +90,9 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         if r:  # a split with no rows (val_captions: 0) is simply not written
             lists[split] = out / "url_lists" / f"{split}.parquet"
             _write_parquet(pd.DataFrame(r), lists[split])
-    write_text(out / "negation.json", json.dumps(negation, indent=1))
-    write_text(out / "held_out_pairs.json", json.dumps(sorted(plan.held_out)))
+    write_json(out / NEGATION_FILE, negation)
+    write_json(out / ZERO_SHOT_FILE, zero_shot_prompts())
+    write_json(out / "held_out_pairs.json", sorted(plan.held_out), indent=None)
     return lists
 
 
@@ -94,19 +109,6 @@ def split_url_list(cfg: DataConfig, seed: int, out: Path) -> tuple[dict[str, Pat
         lists[split] = out / "url_lists" / f"{split}.parquet"
         _write_parquet(part, lists[split])
     return lists, report
-
-
-def shard_stats(folder: Path) -> dict:
-    """Sum img2dataset's ``*_stats.json`` files: counts, successes and every status."""
-    total = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "status": {}}
-    for f in sorted(folder.glob("*_stats.json")):
-        s = json.loads(f.read_text())
-        for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            total[k] += int(s.get(k, 0))
-        for status, n in (s.get("status_dict") or {}).items():
-            total["status"][status] = total["status"].get(status, 0) + int(n)
-    total["success_rate"] = total["successes"] / total["count"] if total["count"] else 0.0
-    return total
 
 
 def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: list[str]) -> dict:
@@ -146,10 +148,12 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
     else:
         lists, report = split_url_list(cfg, seed, out)
         extra = ["id"]
+        write_json(out / NEGATION_FILE, [])  # a URL list brings no negation or zero-shot sets of its own
+        write_json(out / ZERO_SHOT_FILE, {})
     stats = {"source": cfg.source, "url_list_report": report, "splits": {}}
     for split, url_list in lists.items():
         folder = out / "shards" / split
-        fp = _fingerprint({"cfg": cfg.model_dump(), "seed": seed, "list": hashlib.sha256(url_list.read_bytes()).hexdigest()})
+        fp = fingerprint({"cfg": cfg.model_dump(), "seed": seed, "list": file_sha256(url_list)})
         marker = folder / ".fingerprint"
         if folder.exists() and (not marker.exists() or marker.read_text() != fp):
             shutil.rmtree(folder)  # different inputs: never mix shards of two configurations
@@ -158,5 +162,6 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
         s = download_split(url_list, folder, cfg, extra)
         check_success(split, s, cfg.min_success_rate, folder)
         stats["splits"][split] = s
-    write_text(out / "stats.json", json.dumps(stats, indent=1))
+    write_json(out / STATS_FILE, stats)
     return stats
+

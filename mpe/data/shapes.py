@@ -1,4 +1,4 @@
-"""The synthetic "shapes" world (DESIGN §3): scenes, multi-aspect captions, PIL rendering, splits.
+"""The synthetic "shapes" world: scenes, multi-aspect captions, PIL rendering, splits.
 
 A caption names the main object, optionally a secondary object with its relation, and the
 background: "a large red circle to the left of a small blue square on a striped background".
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
@@ -55,9 +55,6 @@ class Scene:
     def pairs(self) -> set[tuple[str, str]]:
         objs = [self.main] + ([self.secondary] if self.secondary else [])
         return {(o.colour, o.shape) for o in objs}
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def held_out_pairs(n: int, seed: int) -> set[tuple[str, str]]:
@@ -249,3 +246,13 @@ def plan_splits(train: int, val: int, test: int, negation: int, held_out: int, p
         query = f"a {main.colour} {main.shape} and no {neg.colour} {neg.shape}"
         plan.negation.append((query, without, with_neg))
     return plan
+
+
+def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
+    """Zero-shot tasks on the main object: task → class name → prompt texts.
+
+    One grid of prompts "a {colour} {shape}" serves both tasks: a shape's prompts are its phrase in
+    every colour, a colour's its phrase on every shape (prompt ensembling, as CLIP does with templates).
+    """
+    return {"shape": {s: [f"a {c} {s}" for c in COLOURS] for s in SHAPES},
+            "colour": {c: [f"a {c} {s}" for s in SHAPES] for c in COLOURS}}

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-
-class DataError(RuntimeError):
-    """Bad input data; the message names the file and the column or rows."""
+from mpe.errors import DataError
 
 
 def read_url_list(path: str | Path, url_col: str, caption_col: str) -> tuple[pd.DataFrame, dict]:

@@ -37,10 +37,11 @@ class LLMTextTower(nn.Module):
     """A pretrained decoder LLM read through prompts (or a pooling baseline), with trained projections.
 
     ``trunk`` = embeddings + the first ``L - n_top`` layers (frozen, cacheable); ``top`` = the last
-    ``n_top`` layers + final norm, trained, run only at the readout rows.
+    ``n_top`` layers + final norm, trained, run only at the readout rows. With ``embed_dim=None`` the
+    tower has no projections: it computes trunk states and readouts (what the cache needs), not embeddings.
     """
 
-    def __init__(self, lm: nn.Module, tokenizer, cfg: TextConfig, embed_dim: int):
+    def __init__(self, lm: nn.Module, tokenizer, cfg: TextConfig, embed_dim: int | None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -51,7 +52,7 @@ class LLMTextTower(nn.Module):
         self.layout = build_layout(tokenizer, cfg)
         k = self.layout.num_positive
         hidden = self.decoder.hidden_size
-        self.proj = nn.ModuleList([nn.Linear(hidden, embed_dim // k) for _ in range(k)])
+        self.proj = nn.ModuleList([nn.Linear(hidden, embed_dim // k) for _ in range(k)] if embed_dim else [])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._apt_ids = [i for seg in self.layout.segments for i in seg
                          if i >= 0 and tokenizer.convert_ids_to_tokens(i).startswith("<APT-")]
@@ -97,7 +98,7 @@ class LLMTextTower(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.proj.parameters()).device
+        return self.lm.get_input_embeddings().weight.device
 
     def arrange(self, caption_lens: list[int]) -> PromptBatch:
         """Layout for cached states of captions with these token lengths."""

@@ -169,12 +169,12 @@ def _flow(proj, params):
 
 def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
     proj, _ = project
-    cache_summary = (proj / "cache" / "summary.json").stat().st_mtime
+    cache_summary = (proj / "metrics" / "cache.json").stat().st_mtime
     result = _flow(proj, _params(tiny_base_dir))
     assert result["alias"] == "champion" and result["version"] == "2", result
     assert result["score"] > result["champion_score"]
     # only train and evaluate depended on the change: data, base model and cache were skipped
-    assert (proj / "cache" / "summary.json").stat().st_mtime == cache_summary
+    assert (proj / "metrics" / "cache.json").stat().st_mtime == cache_summary
     client = _registry(proj)
     tags = client.get_model_version("mpe-e2e", "2").tags
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
@@ -209,16 +209,32 @@ def test_3b_a_rerun_with_nothing_changed_skips_every_stage_and_the_registry(proj
     assert (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime == before
 
 
+def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
+    """DVC deps are the code each stage imports: an edit to the plots or the metrics touches evaluate
+    only, and the cache (persist: true) is neither recomputed nor deleted."""
+    proj, _ = project
+    files = {p: p.stat().st_mtime_ns for d in ("cache", "models") for p in (proj / d).rglob("*") if p.is_file()}
+    for name in ("plots.py", "evaluation.py"):
+        code = proj / "mpe" / name
+        code.write_text(code.read_text() + "\n# an edit to evaluation code alone\n")
+    out = _run([sys.executable, "-m", "dvc", "repro"], proj, prefect_env)
+    assert "Running stage 'evaluate'" in out, out
+    for stage in ("data", "base_model", "cache", "train"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+
 def test_4_compare_tables_the_runs(project):
     from mpe.compare import write_comparison
     from mpe.config import load_params
+    from mpe.tracking_settings import tracking_settings
 
     proj, _ = project
     params = load_params(proj / "params.yaml")
     cwd = os.getcwd()
     os.chdir(proj)
     try:
-        table = write_comparison(params, proj / "metrics" / "compare.md", last=5)
+        table = write_comparison(tracking_settings(params.mlflow), proj / "metrics" / "compare.md", last=5)
     finally:
         os.chdir(cwd)
     lines = table.strip().splitlines()

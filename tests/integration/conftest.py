@@ -11,15 +11,13 @@ from tests.project_config import small_params, write_params
 @pytest.fixture(scope="session")
 def project(tiny_base_dir, tmp_path_factory):
     """data → base_model → cache, run once for the session; returns (root, params)."""
-    from mpe.base_model import prepare_base_model
-    from mpe.cache import run_cache_stage
-    from mpe.data.prepare import prepare_data
+    from mpe.stages import base_model, cache, data
 
     root = tmp_path_factory.mktemp("project")
     params = load_params(write_params(root, small_params(root, tiny_base_dir)))
-    prepare_data(params.data, params.seed)
-    prepare_base_model(params)
-    run_cache_stage(params)
+    data.run(params)
+    base_model.run(params)
+    cache.run(params)
     return root, params
 
 

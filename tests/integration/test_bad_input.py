@@ -12,7 +12,8 @@ from PIL import Image
 from mpe.config import DataConfig
 from mpe.data.loader import load_split
 from mpe.data.prepare import prepare_data
-from mpe.data.url_list import DataError, read_url_list
+from mpe.data.url_list import read_url_list
+from mpe.errors import DataError
 
 
 def _images(folder: Path, n: int, corrupt: int = 0) -> list[str]:

@@ -13,14 +13,32 @@ import pytest
 import torch
 import yaml
 
-from mpe.cache import CacheMismatch, HiddenStateCache, load_text_tower, open_cache, run_cache_stage, texts_to_cache
+from mpe.cache_compute import cache_fields, load_trunk_tower
+from mpe.cache_store import HiddenStateCache
 from mpe.config import load_params
+from mpe.data.evaluation_sets import evaluation_texts
+from mpe.data.loader import split_captions
+from mpe.errors import CacheMismatch
+from mpe.stages.cache import run as run_cache_stage
+
+
+def load_text_tower(params, base):
+    return load_trunk_tower(Path(base), params.model.text)
+
+
+def open_cache(params, base):
+    return HiddenStateCache.for_config(params.cache.root, cache_fields(Path(base), params.model.text, params.cache.dtype))
+
+
+def texts_to_cache(params):
+    root = Path(params.data.out_dir)
+    return list(dict.fromkeys(split_captions(root / "shards" / "train") + evaluation_texts(root)))
 
 
 def test_cache_holds_exactly_the_trunk_states(project):
     root, params = project
     tower = load_text_tower(params, Path(params.base_model.out_dir))
-    cache = open_cache(params, tower, Path(params.base_model.out_dir))
+    cache = open_cache(params, params.base_model.out_dir)
     texts = texts_to_cache(params)
     assert len(cache) == len(texts) and not cache.missing(texts)
     sample = texts[:3] + texts[-3:]
@@ -51,11 +69,10 @@ def test_rerun_computes_nothing(project):
 
 def test_other_config_gets_another_folder_and_a_mismatch_is_refused(project):
     root, params = project
-    tower = load_text_tower(params, Path(params.base_model.out_dir))
     base = Path(params.base_model.out_dir)
-    folder = open_cache(params, tower, base).folder
+    folder = open_cache(params, base).folder
     other = params.model_copy(update={"cache": params.cache.model_copy(update={"dtype": "float32"})})
-    assert open_cache(other, tower, base).folder != folder
+    assert open_cache(other, base).folder != folder
     fields = json.loads((folder / "manifest.json").read_text())
     fields["num_prompts"] = 5
     with pytest.raises(CacheMismatch, match="num_prompts"):
@@ -95,8 +112,7 @@ def test_ray_data_engine_writes_the_same_cache(project, tmp_path, ray_session):
     summary = run_cache_stage(ray_params)
     assert summary["computed"] == summary["entries"] == len(texts_to_cache(params))
     base = Path(params.base_model.out_dir)
-    tower = load_text_tower(params, base)
-    local, remote = open_cache(params, tower, base), open_cache(ray_params, tower, base)
+    local, remote = open_cache(params, base), open_cache(ray_params, base)
     for t in texts_to_cache(params)[::7]:
         a, ca = local.get(t)
         b, cb = remote.get(t)

@@ -15,7 +15,7 @@ from tests.project_config import small_params, write_params
 
 @pytest.fixture(scope="module")
 def trained(project, tiny_base_dir, ray_session):
-    from mpe.train import run_train_stage
+    from mpe.stages.train import run as run_train_stage
 
     root, _ = project
     data = small_params(root, tiny_base_dir, train={"fail_at_step": 3, "max_failures": 1})
@@ -54,7 +54,6 @@ def test_rank0_logged_params_metrics_and_model_to_mlflow(trained):
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted({m.step for m in losses}) == list(range(1, 7))
     assert client.get_metric_history(run.info.run_id, "restored_from_step")[0].value == 2
-    assert "plots/loss.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
 
 def test_logged_pyfunc_embeds_text_and_images_like_the_model(trained):
@@ -82,7 +81,7 @@ def test_logged_pyfunc_embeds_text_and_images_like_the_model(trained):
 
 
 def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
-    from mpe.train import run_train_stage
+    from mpe.stages.train import run as run_train_stage
 
     root, _, _ = trained
     data = small_params(root, tiny_base_dir, train={"max_steps": 8})
@@ -92,29 +91,38 @@ def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
 
 
 def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
-    from mpe.train import effective_run_name
+    from mpe.run_identity import run_fingerprint
 
     root, params = project
-    other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 1e-3})})
-    longer = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": 99})})
-    assert effective_run_name(other, None, None) != effective_run_name(params, None, None)
-    assert effective_run_name(longer, None, None) == effective_run_name(params, None, None)
+
+    def fp(train):
+        return run_fingerprint(params.seed, params.model, train, params.base_model, None, None)
+
+    assert fp(params.train.model_copy(update={"lr": 1e-3})) != fp(params.train)
+    assert fp(params.train.model_copy(update={"max_steps": 99})) == fp(params.train)
 
 
 def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
     from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
 
-    from mpe.cache import open_cache
+    from mpe.cache_compute import cache_fields
+    from mpe.cache_store import HiddenStateCache
     from mpe.data.loader import load_split
-    from mpe.evaluate import TextEmbedder, embed_images, run_evaluate_stage
+    from mpe.evaluation import TextEmbedder, embed_images
+    from mpe.stages.evaluate import run as run_evaluate_stage
 
     root, params, _ = trained
     report = run_evaluate_stage(params)
     assert (root / "plots" / "recall.png").stat().st_size > 0 and (root / "plots" / "loss.png").exists()
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(json.loads(
+        (root / "metrics" / "train.json").read_text())["mlflow_run_id"], "plots")}
+    assert {"plots/loss.png", "plots/recall.png", "plots/prompt_maps.png"} <= logged
     model = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     test, _ = load_split(root / "data" / "shards" / "test")
     texts = list(dict.fromkeys(s.caption for s in test))
-    cache = open_cache(params, model.text, Path(params.base_model.out_dir))
+    cache = HiddenStateCache.for_config(params.cache.root, cache_fields(Path(params.base_model.out_dir),
+                                                                       params.model.text, params.cache.dtype))
     t = TextEmbedder(model, cache)(texts)
     v = embed_images(model, [s.image for s in test])
     pos = torch.tensor([[s.caption == x for s in test] for x in texts])

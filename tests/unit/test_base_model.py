@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpe.base_model import BaseModelError, bundled_gguf, load_base_model, resolve_base_model
+from mpe.base_model import bundled_gguf, resolve_base_model
+from mpe.errors import BaseModelError
+from mpe.text.lm_io import load_lm
 
 
 def test_bundled_default_is_a_plain_safetensors_checkpoint(base_dir):
@@ -62,7 +64,7 @@ def test_untrained_prompts_read_different_states(base_dir):
     from mpe.text.apt_tokens import add_apt_tokens
     from mpe.text.tower import LLMTextTower
 
-    lm, tok = load_base_model(base_dir)
+    lm, tok = load_lm(base_dir)
     ids = add_apt_tokens(lm, tok, 4)
     tower = LLMTextTower(lm, tok, TextConfig(num_prompts=4), embed_dim=256)
     caps = ["a large red circle on a striped background", "a small blue star"]

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from mpe.cache import CacheMismatch, HiddenStateCache, cache_key, caption_sha
+from mpe.cache_store import HiddenStateCache, cache_key, caption_sha
+from mpe.errors import CacheMismatch
 
 FIELDS = {"format": 1, "model_sha256": "abc", "dtype": "float16", "num_prompts": 2}
 

@@ -57,3 +57,23 @@ def test_bad_params_name_the_key(tiny_base, tmp_path, capsys):
     assert main(["--params", str(params), "model", "init", "--base", str(tiny_base), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "model.text.poolng" in err and str(params) in err
+
+
+def test_a_missing_params_file_is_an_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", "nope.yaml", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml: params file not found" in err
+    assert main(["cache"]) == 2  # no params.yaml here either
+    assert "params.yaml: params file not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_refuses_a_params_file_dvc_does_not_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "other.yaml").write_text("seed: 1\n")
+    assert main(["--params", "other.yaml", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "other.yaml" in err and "cp other.yaml params.yaml" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.yaml", "params.yaml"]

@@ -1,12 +1,12 @@
-"""A CPU smoke test: a tiny model trains for a few dozen steps on an in-memory batch; its loss falls,
-through the cached-trunk path as well as the full pass."""
+"""A CPU smoke test: a tiny model trains for a few dozen steps of ``train_step`` on an in-memory batch;
+its loss falls, through the cached-trunk path as well as the full pass."""
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mpe.objective import model_loss, text_from_cache
 from mpe.optim import build_optimizer, build_scheduler, param_groups
+from mpe.train_step import Batch, train_step
 from tests.unit.test_model import tiny_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -33,25 +33,19 @@ def test_loss_falls(tokenizer, cached):
     pixels = model.pixel_values(imgs)
     opt = build_optimizer(model, lr=2e-3, weight_decay=0.1)
     sched = build_scheduler(opt, warmup=5, total=40)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = Batch(pixels, captions=caps)
     if cached:
-        batch = model.text.tokenize(caps)
+        tokens = model.text.tokenize(caps)
         with torch.no_grad():
-            states = model.text.trunk(batch)
-        lens = batch.caption_lens.tolist()
+            states = model.text.trunk(tokens)
+        lens = tokens.caption_lens.tolist()
         # the cache would store each caption unpadded: re-pad from those rows
         states = torch.nn.utils.rnn.pad_sequence(
             [states[i, -(lens[i] + model.text.layout.segments_len):] for i in range(len(caps))],
             batch_first=True, padding_side="left")
-    losses = []
-    for _ in range(40):
-        text = text_from_cache(model, states, lens) if cached else model.text_features(caps)
-        terms = model_loss(model, pixels, text)
-        opt.zero_grad()
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(terms.total.item())
+        batch = Batch(pixels, states=states, caption_lens=lens)
+    losses = [train_step(model, batch, opt, sched, trainable, grad_clip=1.0)["loss"] for _ in range(40)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.5 * first, losses
 

@@ -1,4 +1,4 @@
-"""The main correctness test (DESIGN §1): prompt i's readout from one masked pass equals a separate
+"""The main correctness test: prompt i's readout from one masked pass equals a separate
 forward pass over ``caption + prompt_i`` through the model's own forward, for every architecture."""
 
 import pytest

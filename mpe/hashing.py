@@ -1,0 +1,33 @@
+"""Content hashes: files, checkpoint folders, texts, and short fingerprints of JSON-able objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fingerprint(obj, length: int = 16) -> str:
+    """A short stable hash of a JSON-able object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def checkpoint_sha256(folder: str | Path, suffixes=(".safetensors", ".json")) -> str:
+    """sha256 over the weight and config/tokenizer files of a checkpoint folder (names and contents)."""
+    h = hashlib.sha256()
+    for p in sorted(p for p in Path(folder).iterdir() if p.suffix in suffixes):
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()

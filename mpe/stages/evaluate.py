@@ -1,0 +1,61 @@
+"""Stage ``evaluate``: the trained model and its untrained twin (same architecture and trunk) on the
+test split, the negation set and the zero-shot tasks, against chance; plots; the numbers and plots added
+to the MLflow run that trained the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mpe.atomic import write_json
+from mpe.cache_compute import cache_fields
+from mpe.cache_store import HiddenStateCache
+from mpe.config import Params
+from mpe.data.loader import load_split
+from mpe.evaluation import TextEmbedder, chance_levels, evaluate_model, flat_metrics, prompt_patch_maps
+from mpe.model import MultiPromptCLIP
+from mpe.plots import loss_curves, prompt_maps, recall_bars
+from mpe.text.tower import LLMTextTower
+from mpe.tracking import log_to_run
+from mpe.tracking_settings import tracking_settings
+
+
+def run(params: Params) -> dict:
+    ks = tuple(params.evaluate.ks)
+    batch_size = params.evaluate.batch_size
+    data_root = Path(params.data.out_dir)
+    base_dir = Path(params.base_model.out_dir)
+    metrics_dir, plots = Path(params.evaluate.out_dir), Path(params.evaluate.plots_dir)
+    trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
+    cache = None
+    if params.cache.enabled and isinstance(trained.text, LLMTextTower):
+        fields = cache_fields(base_dir, trained.cfg.text, params.cache.dtype)
+        cache = HiddenStateCache.for_config(params.cache.root, fields, create=False)
+    models = {"trained": trained}
+    if params.evaluate.compare_untrained:
+        models["untrained"] = MultiPromptCLIP.from_base(base_dir, trained.cfg, seed=params.seed).eval()
+    results = {name: evaluate_model(m, data_root, TextEmbedder(m, cache, batch_size), ks)
+               for name, m in models.items()}
+    report = {name: flat_metrics(r) for name, r in results.items()}
+    report["chance"] = chance_levels(results["trained"], ks)
+    report["details"] = results
+    write_json(metrics_dir / "eval.json", report)
+
+    keys = [k for k in report["trained"] if not k.startswith("compositional_")]
+    recall_bars({m: report[m] for m in ("trained", "untrained", "chance") if m in report}, keys,
+                plots / "recall.png", "test split: trained vs untrained vs chance")
+    history = metrics_dir / "train_history.json"
+    if history.exists():
+        loss_curves(json.loads(history.read_text()), plots / "loss.png")
+    shown = load_split(data_root / "shards" / "test")[0][:4]
+    emb = TextEmbedder(trained, cache)([s.caption for s in shown])
+    prompt_maps([s.image for s in shown], prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
+                [s.caption for s in shown], plots / "prompt_maps.png")
+
+    train_file = metrics_dir / "train.json"
+    run_id = json.loads(train_file.read_text()).get("mlflow_run_id") if train_file.exists() else None
+    if run_id:
+        metrics = {f"eval.{k}": v for k, v in report["trained"].items()}
+        metrics.update({f"eval_untrained.{k}": v for k, v in report.get("untrained", {}).items()})
+        log_to_run(tracking_settings(params.mlflow), run_id, metrics, sorted(plots.glob("*.png")))
+    return report

@@ -1,0 +1,79 @@
+"""Stage ``train``: Ray Train over the webdataset shards and the hidden-state cache, then the trained
+``MultiPromptCLIP`` folder in ``train.out_dir``, the loss history, and the pyfunc logged to MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mpe.atomic import write_json
+from mpe.base_model import source_label
+from mpe.cache_compute import cache_fields
+from mpe.cache_store import HiddenStateCache
+from mpe.checkpoint import load_trainable
+from mpe.config import Params
+from mpe.data.loader import split_captions
+from mpe.data.stats import read_stats
+from mpe.errors import StageInputError
+from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
+from mpe.tracking import log_trained_model
+from mpe.tracking_settings import tracking_settings
+from mpe.train_worker import TrainJob, build_model, fit
+
+
+def _training_cache(root: str, fields: dict, train_shards: Path) -> str:
+    """The cache folder for ``fields``, checked to hold every training caption."""
+    cache = HiddenStateCache.for_config(Path(root).resolve(), fields, create=False)
+    missing = cache.missing(split_captions(train_shards))
+    if missing:
+        raise StageInputError(f"{cache.folder} lacks {len(missing)} training captions; run `mpe cache` first")
+    return str(cache.folder)
+
+
+def run(params: Params) -> dict:
+    tcfg = params.train
+    base_dir = Path(params.base_model.out_dir).resolve()
+    data_root = Path(params.data.out_dir).resolve()
+    train_shards = data_root / "shards" / "train"
+    stats = read_stats(data_root)
+    n_train = int(stats["splits"]["train"]["successes"])
+    total = total_steps(tcfg, n_train)
+    cache_folder, fields = None, None
+    if params.cache.enabled:
+        fields = cache_fields(base_dir, params.model.text, params.cache.dtype, params.base_model.trust_remote_code)
+        cache_folder = _training_cache(params.cache.root, fields, train_shards)
+    run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,
+                                                                 stats, fields))
+    settings = tracking_settings(params.mlflow)
+    storage = Path(tcfg.storage_path).resolve()
+    logged = {"seed": params.seed, "base_model": params.base_model.model_dump(mode="json"),
+              "model": params.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
+              "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}}
+    job = TrainJob(seed=params.seed, model=params.model.model_dump(mode="json"), train=tcfg.model_dump(mode="json"),
+                   base_dir=str(base_dir), trust_remote_code=params.base_model.trust_remote_code,
+                   provenance={"base_model": source_label(params.base_model)}, total_steps=total,
+                   train_shards=str(train_shards), cache_folder=cache_folder, cache_fields=fields,
+                   tracking=asdict(settings), logged_params=logged, run_name=run_name,
+                   fail_marker=str(storage / run_name / ".injected_failure"))
+    weights, state = fit(job, tcfg, params.ray, storage)
+
+    model = build_model(job)
+    load_trainable(model, weights)
+    model.provenance.update({"ray_run_name": run_name, "steps": state["step"]})
+    if tcfg.save_dtype == "bfloat16" and hasattr(model.text, "lm"):
+        model.text.lm.to(torch.bfloat16)  # the trunk came from a checkpoint of that precision
+    out_dir = Path(tcfg.out_dir)
+    model.save_pretrained(out_dir)
+
+    metrics_dir = Path(params.evaluate.out_dir)
+    write_json(metrics_dir / "train_history.json", state["history"], indent=None)
+    final = state["history"][-1] if state["history"] else {}
+    summary = {"steps": state["step"], "total_steps": total, "train_samples": n_train,
+               "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
+               "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
+    if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
+        summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)
+    write_json(metrics_dir / "train.json", summary)
+    return summary

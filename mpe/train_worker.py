@@ -1,0 +1,184 @@
+"""Ray Train: the loop every ``TorchTrainer`` worker runs, and the trainer that runs it.
+
+Every worker builds the same model (same seed), streams its own shards, embeds its local batch, and
+computes its local loss against the global batch; gradients are averaged across workers. Rank 0 logs
+to MLflow and checkpoints every ``checkpoint_every`` steps. A rerun with the same run name and storage
+resumes from the last checkpoint, and ``FailureConfig(max_failures)`` restarts failed workers from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpe.cache_store import HiddenStateCache
+from mpe.checkpoint import load_trainable, read_checkpoint, save_checkpoint
+from mpe.config import ModelConfig, RayConfig, TrainConfig
+from mpe.data.loader import train_stream
+from mpe.losses import Dist
+from mpe.model import MultiPromptCLIP
+from mpe.optim import build_optimizer, build_scheduler
+from mpe.ray_cluster import ensure_ray, torch_config
+from mpe.tracking import end_run, log_metrics, start_run
+from mpe.tracking_settings import TrackingSettings
+from mpe.train_step import Batch, train_step
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, JSON-able (Ray ships it to every worker)."""
+
+    seed: int
+    model: dict
+    train: dict
+    base_dir: str
+    trust_remote_code: bool
+    provenance: dict
+    total_steps: int
+    train_shards: str
+    cache_folder: str | None
+    cache_fields: dict | None
+    tracking: dict | None
+    logged_params: dict
+    run_name: str
+    fail_marker: str
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return ModelConfig.model_validate(self.model)
+
+    @property
+    def train_cfg(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.train)
+
+
+def build_model(job: TrainJob) -> MultiPromptCLIP:
+    return MultiPromptCLIP.from_base(job.base_dir, job.model_cfg, trust_remote_code=job.trust_remote_code,
+                                     provenance=dict(job.provenance), seed=job.seed)
+
+
+class _RankZeroTracking:
+    """MLflow from rank 0 only: the run is started once and resumed after a restart."""
+
+    def __init__(self, job: TrainJob, rank: int, state: dict):
+        self.active = rank == 0 and job.tracking is not None
+        if not self.active:
+            return
+        settings = TrackingSettings(**job.tracking)
+        state["mlflow_run_id"] = start_run(settings, state.get("mlflow_run_id"), job.run_name, job.logged_params,
+                                           {"ray_run_name": job.run_name, "mpe.stage": "train"})
+        if state["restored_from_step"] is not None:
+            log_metrics({"restored_from_step": state["restored_from_step"]}, step=state["step"])
+
+    def log(self, row: dict, every: int) -> None:
+        if self.active and row["step"] % every == 0:
+            log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def end(self) -> None:
+        if self.active:
+            end_run()
+
+
+def _restore(model, optimizer, scheduler) -> dict:
+    import ray.train
+
+    state = {"step": 0, "history": [], "mlflow_run_id": None, "restored_from_step": None}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            weights, optim, state = read_checkpoint(Path(d))
+        load_trainable(model, weights)
+        optimizer.load_state_dict(optim["optimizer"])
+        scheduler.load_state_dict(optim["scheduler"])
+        state["restored_from_step"] = state["step"]
+    return state
+
+
+def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker: Path) -> None:
+    """Testing (``train.fail_at_step``): the last worker raises once at that step."""
+    if tcfg.fail_at_step is not None and step == tcfg.fail_at_step and rank == world - 1 and not marker.exists():
+        marker.write_text(f"injected failure at step {step}")
+        raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
+
+
+def _next_batch(stream, model, cache: HiddenStateCache | None, size: int) -> Batch:
+    samples = [next(stream) for _ in range(size)]
+    pixels = model.pixel_values([s.image for s in samples])
+    captions = [s.caption for s in samples]
+    if cache is None:
+        return Batch(pixels, captions=captions)
+    states, lens = cache.batch(captions)
+    return Batch(pixels, states=states, caption_lens=lens)
+
+
+def _report(row: dict, model, optimizer, scheduler, state: dict, rank: int) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(row, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d), model, optimizer, scheduler, state)
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    job = TrainJob(**config)
+    tcfg = job.train_cfg
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tcfg.threads_per_worker or max(1, (os.cpu_count() or 2) // world))
+    device = torch.device("cuda" if tcfg.use_gpu and torch.cuda.is_available() else "cpu")
+    model = build_model(job).to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    scheduler = build_scheduler(optimizer, tcfg.warmup_steps, job.total_steps)
+    state = _restore(model, optimizer, scheduler)
+    cache = HiddenStateCache(Path(job.cache_folder), job.cache_fields, create=False) if job.cache_folder else None
+    tracking = _RankZeroTracking(job, rank, state)
+    stream = train_stream(job.train_shards, rank, world, job.seed, epoch=state["step"])
+    dist = Dist(rank, world)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    while state["step"] < job.total_steps:
+        _inject_failure(tcfg, state["step"], rank, world, Path(job.fail_marker))
+        batch = _next_batch(stream, model, cache, tcfg.batch_size)
+        row = {"step": state["step"] + 1,
+               **train_step(model, batch, optimizer, scheduler, trainable, tcfg.grad_clip, dist, autocast)}
+        state["step"] = row["step"]
+        state["history"].append(row)
+        tracking.log(row, tcfg.log_every)
+        if row["step"] % tcfg.checkpoint_every == 0 or row["step"] == job.total_steps:
+            _report(row, model, optimizer, scheduler, state, rank)
+    tracking.end()
+
+
+def fit(job: TrainJob, tcfg: TrainConfig, ray_cfg: RayConfig, storage: Path) -> tuple[dict, dict]:
+    """Run (or resume) the Ray Train run ``job.run_name`` under ``storage``; returns the final
+    checkpoint's trainable weights and state."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    (storage / job.run_name).mkdir(parents=True, exist_ok=True)
+    ensure_ray(ray_cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=dataclasses.asdict(job),
+        torch_config=torch_config(ray_cfg, tcfg.use_gpu, storage / job.run_name / "rendezvous"),
+        scaling_config=ray.train.ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=job.run_name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints)))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        weights, _, state = read_checkpoint(Path(d))
+    return weights, state

@@ -1,0 +1,104 @@
+"""The layering of docs/ARCHITECTURE.md and the truth of dvc.yaml's deps, read from the source.
+
+Each checker is also shown to fail on a breach injected into a copy of the graph or of dvc.yaml, so a
+green run means the rules hold, not that the checker is blind."""
+
+import ast
+import copy
+
+import pytest
+import yaml
+
+from tests.import_graph import (ROOT, import_graph, layer_table, module_files, params_keys, stage_code_deps,
+                                uncovered_and_unused, violations)
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+@pytest.fixture(scope="module")
+def table():
+    return layer_table()
+
+
+def test_every_module_keeps_the_layering(graph, table):
+    assert [name for name, _ in table] == ["foundation", "model", "services", "adapters", "stages", "top"]
+    assert violations(graph, table) == []
+
+
+@pytest.mark.parametrize("edge,expect", [
+    (("mpe.cache_store", "mpe.stages.train"), "a layer above it"),      # library importing a stage
+    (("mpe.model", "mpe.cli"), "imports mpe.cli"),                      # library importing the CLI
+    (("mpe.evaluation", "flows.retrain"), "a layer above it"),          # library importing the flows
+    (("mpe.stages.cache", "mpe.stages.evaluate"), "imports stage"),     # a stage importing a stage
+    (("mpe.text.tower", "mpe.model"), "import cycle"),                  # a cycle inside the model layer
+])
+def test_the_checker_fails_on_a_forbidden_import(graph, table, edge, expect):
+    bad = copy.deepcopy(graph)
+    bad[edge[0]].add(edge[1])
+    assert any(expect in v for v in violations(bad, table)), violations(bad, table)
+
+
+def test_an_unplaced_module_is_reported(graph, table):
+    bad = {**graph, "mpe.utils2": set()}
+    assert "mpe.utils2: not placed in any layer of docs/ARCHITECTURE.md" in violations(bad, table)
+
+
+def test_package_inits_hold_no_logic():
+    files = module_files()
+    for name, path in files.items():
+        if path.name != "__init__.py":
+            continue
+        body = ast.parse(path.read_text()).body
+        for node in body:
+            doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            version = isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__version__"]
+            assert doc or version, f"{path}: package __init__ files hold a docstring and __version__ only"
+
+
+def _declared_code(stage: str) -> set[str]:
+    return {d for d in DVC[stage]["deps"] if d.startswith("mpe/")}
+
+
+def test_the_stage_list_is_the_stage_modules():
+    from mpe.dvc_runner import stage_names
+
+    assert stage_names(ROOT) == list(DVC)
+    for stage in DVC:
+        assert (ROOT / "mpe" / "stages" / f"{stage}.py").exists(), stage
+        assert DVC[stage]["cmd"] == f"mpe {stage.replace('_', '-')}"
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_dvc_code_deps_are_exactly_what_the_stage_imports(graph, stage):
+    needed = stage_code_deps(graph, stage)
+    declared = _declared_code(stage)
+    assert not needed - declared, f"dvc.yaml stage {stage} misses deps: {sorted(needed - declared)}"
+    assert not declared - needed, f"dvc.yaml stage {stage} lists code it never imports: {sorted(declared - needed)}"
+
+
+@pytest.mark.parametrize("stage", list(DVC))
+def test_dvc_params_are_exactly_the_keys_the_stage_reads(stage):
+    read, bare = params_keys(ROOT / "mpe" / "stages" / f"{stage}.py")
+    assert not bare, f"the whole params object is passed on at {bare}: pass the sections instead"
+    uncovered, unused = uncovered_and_unused(read, DVC[stage]["params"])
+    assert not uncovered, f"dvc.yaml stage {stage} does not list the params it reads: {sorted(uncovered)}"
+    assert not unused, f"dvc.yaml stage {stage} lists params it never reads: {sorted(unused)}"
+
+
+def test_the_deps_checkers_fail_on_a_missing_or_extra_dep(graph):
+    needed = stage_code_deps(graph, "evaluate")
+    assert "mpe/plots.py" in needed and "mpe/plots.py" not in stage_code_deps(graph, "cache")
+    assert uncovered_and_unused({"cache.dtype", "seed"}, ["cache"]) == ({"seed"}, set())
+    assert uncovered_and_unused({"cache.dtype"}, ["cache", "mlflow"]) == (set(), {"mlflow"})
+    read, _ = params_keys(ROOT / "mpe" / "stages" / "evaluate.py")
+    assert "evaluate.ks" in read and "model" not in read
+
+
+def test_computed_states_are_never_deleted_by_dvc():
+    outs = DVC["cache"]["outs"]
+    assert outs == [{"cache": {"persist": True}}], outs
