@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from mpe.atomic import atomic_path, write_json, write_text
 from mpe.config import DataConfig
+from mpe.data.canonical_shards import canonicalize_folder
 from mpe.data.evaluation_sets import NEGATION_FILE, ZERO_SHOT_FILE
 from mpe.data.shapes import plan_splits, render, zero_shot_prompts
 from mpe.data.url_list import read_url_list
@@ -124,6 +125,7 @@ def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: li
              number_sample_per_shard=cfg.samples_per_shard, distributor=cfg.distributor,
              timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
              enable_wandb=False, compute_hash=None)
+    canonicalize_folder(out)
     return shard_stats(out)
 
 

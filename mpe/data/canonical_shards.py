@@ -1,0 +1,60 @@
+"""Shards in a canonical form: members in sample-key order with neutral tar headers.
+
+img2dataset's download threads write samples in the order they finish, and stamp each member with
+the time of writing, so the same URL list gives differently ordered (and different) bytes on every
+download. Training streams shards in order, so that would make a run differ from a rerun of the very
+same inputs. Each finished shard is rewritten once, key by key, members read by offset (memory stays
+at one member), and replaced atomically; the shard's parquet is sorted by key alike.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from mpe.atomic import atomic_path
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    stem, _, ext = name.rpartition("/")[2].partition(".")
+    return stem, ext
+
+
+def is_canonical(tar: Path) -> bool:
+    with tarfile.open(tar) as t:
+        names = [(m.name, m.mtime) for m in t]
+    return all(mtime == 0 for _, mtime in names) and [n for n, _ in names] == sorted(
+        (n for n, _ in names), key=_sample_key)
+
+
+def canonicalize_tar(tar: Path) -> bool:
+    """Rewrite ``tar`` in key order with zeroed times and owners; False when it already was."""
+    if is_canonical(tar):
+        return False
+    with tarfile.open(tar) as src, atomic_path(tar, suffix=".tar") as tmp:
+        members = sorted((m for m in src if m.isfile()), key=lambda m: _sample_key(m.name))
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as dst:
+            for m in members:
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mode, info.mtime = m.size, 0o644, 0
+                dst.addfile(info, src.extractfile(m))
+    return True
+
+
+def canonicalize_parquet(path: Path) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    if "key" in df.columns and not df["key"].is_monotonic_increasing:
+        with atomic_path(path, suffix=".parquet") as tmp:
+            df.sort_values("key", kind="stable").to_parquet(tmp, index=False)
+
+
+def canonicalize_folder(folder: Path) -> int:
+    """Every shard (and its parquet) in ``folder`` in canonical form; returns how many were rewritten."""
+    n = 0
+    for tar in sorted(Path(folder).glob("*.tar")):
+        n += canonicalize_tar(tar)
+        if tar.with_suffix(".parquet").exists():
+            canonicalize_parquet(tar.with_suffix(".parquet"))
+    return n

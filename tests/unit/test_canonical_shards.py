@@ -1,0 +1,30 @@
+"""Shards in canonical form: the same samples written in any order, at any time, give the same bytes."""
+
+import io
+import tarfile
+
+from mpe.data.canonical_shards import canonicalize_tar, is_canonical
+
+
+def _tar(path, order, mtime):
+    with tarfile.open(path, "w") as t:
+        for name in order:
+            data = f"content of {name}".encode()
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), mtime
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_two_download_orders_give_identical_bytes(tmp_path):
+    names = [f"{k:08d}.{ext}" for k in (3, 0, 11, 2) for ext in ("jpg", "txt", "json")]
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    _tar(a, names, mtime=1_700_000_000)
+    _tar(b, list(reversed(names)), mtime=1_800_000_123)
+    assert not is_canonical(a) and a.read_bytes() != b.read_bytes()
+    assert canonicalize_tar(a) and canonicalize_tar(b)
+    assert a.read_bytes() == b.read_bytes() and is_canonical(a)
+    with tarfile.open(a) as t:
+        got = [(m.name, t.extractfile(m).read()) for m in t]
+    assert [n for n, _ in got][:3] == ["00000000.jpg", "00000000.json", "00000000.txt"]
+    assert all(data == f"content of {n}".encode() for n, data in got) and len(got) == len(names)
+    assert not canonicalize_tar(a)  # already canonical: left alone
