@@ -170,15 +170,16 @@ class CacheConfig(_Strict):
     """The trunk hidden-state cache."""
 
     enabled: bool = True
-    root: str = "cache"
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    root: str = Field("cache", description="a folder or any fsspec URL (s3://…) every node reads")
+    dtype: Literal["float16", "bfloat16", "float32", "float8_e4m3_row", "float8_e4m3_tensor"] = Field(
+        "float16", description="storage; float8 is e4m3 scaled per row or per tensor")
     batch_size: int = Field(32, ge=1)
-    part_size: int = Field(256, ge=1)
     autocast: Literal["auto", "bfloat16", "none"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (bf16 is slower on most CPUs)")
     engine: Literal["local", "ray"] = "local"
     ray_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0, ge=0)
+    warn_gb: float = Field(500.0, gt=0, description="warn before caching more than this many GB")
 
 
 class MlflowConfig(_Strict):
@@ -201,6 +202,9 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     batch_size: int = Field(64, ge=2, description="per worker")
+    shuffle_buffer: int = Field(256, ge=1, description="samples each loader worker draws from at random")
+    loader_workers: int = Field(1, ge=0, description="decode processes per Ray worker (0: decode in the worker)")
+    log_sample_keys: bool = Field(False, description="write every step's sample keys beside the checkpoints")
     epochs: float = Field(4.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     lr: float = Field(5e-4, gt=0)

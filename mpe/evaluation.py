@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_store import TextStates
 from mpe.data.evaluation_sets import negation_queries, zero_shot_tasks
 from mpe.data.loader import load_split
 from mpe.objective import text_from_cache
@@ -18,7 +18,7 @@ from mpe.retrieval_metrics import retrieval_metrics
 class TextEmbedder:
     """Embeds texts with a model, finishing from the hidden-state cache where it holds the text."""
 
-    def __init__(self, model, cache: HiddenStateCache | None = None, batch_size: int = 64):
+    def __init__(self, model, cache: TextStates | None = None, batch_size: int = 64):
         self.model, self.cache, self.batch_size = model, cache, batch_size
 
     @torch.no_grad()

@@ -1,56 +1,61 @@
-"""The cache's Ray engine (``cache.engine: ray``): Ray Data ``map_batches`` on actors (GPU actors at
-scale) compute the trunk states; the driver writes the parts, so the folder stays resumable."""
+"""The cache's Ray engine (``cache.engine: ray``): Ray Data maps the shard jobs onto actors (GPU actors
+at scale); each actor loads the trunk once and writes whole cache shards straight to their storage, so
+the driver only sees counts and never holds states."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from mpe.cache_compute import autocast_dtype, load_trunk_tower, trunk_states
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_compute import autocast_dtype, cache_data_shard, cache_texts, load_trunk_tower
 from mpe.config import CacheConfig, RayConfig, TextConfig
 from mpe.ray_cluster import ensure_ray
 
 
-class TrunkActor:
-    """Loads the trunk once per actor and maps batches of texts to their trunk states."""
+class ShardCacheActor:
+    """Loads the trunk once; each call builds the cache shards of a batch of jobs."""
 
-    def __init__(self, text_json: str, base_dir: str, trust_remote_code: bool, autocast_mode: str):
+    def __init__(self, text_json: str, base_dir: str, trust_remote_code: bool, autocast_mode: str,
+                 storage_dtype: str, batch_size: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         text = TextConfig.model_validate_json(text_json)
         self.tower = load_trunk_tower(Path(base_dir), text, trust_remote_code, self.device)
         self.autocast = autocast_dtype(autocast_mode, self.device)
+        self.storage_dtype, self.batch_size = storage_dtype, batch_size
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        texts = list(batch["text"])
-        rows, lens = trunk_states(self.tower, texts, self.autocast)
-        out = np.empty(len(rows), dtype=object)
-        out[:] = [r.numpy() for r in rows]
-        return {"text": np.array(texts, dtype=object), "states": out, "caption_len": np.array(lens)}
+        done = []
+        for source, out in zip(batch["source"], batch["out"]):
+            if source.startswith("texts:"):
+                counts = cache_texts(self.tower, json.loads(source[len("texts:"):]), out, self.storage_dtype,
+                                     self.batch_size, self.autocast)
+            else:
+                counts = cache_data_shard(self.tower, source, out, self.storage_dtype, self.batch_size, self.autocast)
+            done.append(counts["texts"])
+        return {"out": np.array(list(batch["out"]), dtype=object), "texts": np.array(done)}
 
 
-def fill_cache_with_ray(cache: HiddenStateCache, texts: list[str], base_dir: Path, text: TextConfig,
-                        trust_remote_code: bool, cfg: CacheConfig, ray_cfg: RayConfig) -> int:
-    """Compute the states the cache lacks on Ray Data actors; returns how many were computed."""
+def build_with_ray(jobs: list[tuple[str, str]], base_dir: Path, text: TextConfig, trust_remote_code: bool,
+                   cfg: CacheConfig, ray_cfg: RayConfig, progress=None) -> int:
+    """Run ``(source, out URL)`` jobs on Ray Data actors (``source``: a data shard URL, or ``texts:`` and a
+    JSON list); returns how many texts were computed."""
     import ray
 
-    todo = cache.missing(texts)
-    if not todo:
+    if not jobs:
         return 0
     ensure_ray(ray_cfg)
-    ds = ray.data.from_items([{"text": t} for t in todo]).map_batches(
-        TrunkActor, fn_constructor_kwargs={"text_json": text.model_dump_json(), "base_dir": str(base_dir),
-                                           "trust_remote_code": trust_remote_code, "autocast_mode": cfg.autocast},
-        batch_size=cfg.batch_size, concurrency=cfg.ray_actors, num_gpus=cfg.gpus_per_actor or None,
-        batch_format="numpy")
-    bar = tqdm(total=len(todo), desc="cache trunk states (ray)", unit="caption")
-    for batch in ds.iter_batches(batch_size=cfg.part_size, batch_format="numpy"):
-        states = [torch.from_numpy(s.copy()) for s in batch["states"]]  # Ray hands out read-only arrays
-        cache.write_part(list(batch["text"]), states, [int(c) for c in batch["caption_len"]])
-        bar.update(len(states))
-    bar.close()
-    return len(todo)
+    ds = ray.data.from_items([{"source": s, "out": o} for s, o in jobs]).map_batches(
+        ShardCacheActor, fn_constructor_kwargs={
+            "text_json": text.model_dump_json(), "base_dir": str(base_dir), "trust_remote_code": trust_remote_code,
+            "autocast_mode": cfg.autocast, "storage_dtype": cfg.dtype, "batch_size": cfg.batch_size},
+        batch_size=1, concurrency=cfg.ray_actors, num_gpus=cfg.gpus_per_actor or None, batch_format="numpy")
+    total = 0
+    for row in ds.iter_rows():
+        total += int(row["texts"])
+        if progress is not None:
+            progress(int(row["texts"]))
+    return total

@@ -12,7 +12,7 @@ from mpe.hashing import fingerprint
 # Settings that do not change what a step computes: a rerun that differs only in these resumes.
 RESUMABLE_TRAIN_KEYS = {"run_name", "storage_path", "out_dir", "epochs", "max_steps", "checkpoint_every",
                         "keep_checkpoints", "max_failures", "fail_at_step", "log_every", "save_dtype",
-                        "threads_per_worker"}
+                        "threads_per_worker", "log_sample_keys"}
 
 
 def run_fingerprint(seed: int, model: ModelConfig, train: TrainConfig, base_model: BaseModelConfig,

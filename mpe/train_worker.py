@@ -9,17 +9,18 @@ resumes from the last checkpoint, and ``FailureConfig(max_failures)`` restarts f
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mpe.cache_store import HiddenStateCache
 from mpe.checkpoint import load_trainable, read_checkpoint, save_checkpoint
 from mpe.config import ModelConfig, RayConfig, TrainConfig
-from mpe.data.loader import train_stream
+from mpe.data.train_stream import StreamSpec, TrainLoader
 from mpe.losses import Dist
 from mpe.model import MultiPromptCLIP
 from mpe.optim import build_optimizer, build_scheduler
@@ -27,6 +28,7 @@ from mpe.ray_cluster import ensure_ray, torch_config
 from mpe.tracking import end_run, log_metrics, start_run
 from mpe.tracking_settings import TrackingSettings
 from mpe.train_step import Batch, train_step
+from mpe.vision.preprocess import scale_pixels
 
 
 @dataclass
@@ -40,9 +42,7 @@ class TrainJob:
     trust_remote_code: bool
     provenance: dict
     total_steps: int
-    train_shards: str
-    cache_folder: str | None
-    cache_fields: dict | None
+    stream: dict  # StreamSpec fields but rank and world
     tracking: dict | None
     logged_params: dict
     run_name: str
@@ -106,14 +106,28 @@ def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker:
         raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
 
 
-def _next_batch(stream, model, cache: HiddenStateCache | None, size: int) -> Batch:
-    samples = [next(stream) for _ in range(size)]
-    pixels = model.pixel_values([s.image for s in samples])
-    captions = [s.caption for s in samples]
-    if cache is None:
-        return Batch(pixels, captions=captions)
-    states, lens = cache.batch(captions)
-    return Batch(pixels, states=states, caption_lens=lens)
+def _to_batch(b: dict, device) -> Batch:
+    pixels = scale_pixels(b["pixels"]).to(device)
+    if "states" in b:
+        return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist())
+    return Batch(pixels, captions=b["captions"])
+
+
+def _gather_data_states(loader: TrainLoader, world: int) -> tuple[dict, dict]:
+    """Every rank's loader state (a checkpoint is written by rank 0 only) and the skipped samples summed."""
+    import torch.distributed as dist
+
+    mine = (loader.state(), loader.skipped_total())
+    if world == 1 or not dist.is_initialized():
+        gathered = [mine]
+    else:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    skipped: dict[str, int] = {}
+    for _, counts in gathered:
+        for k, v in counts.items():
+            skipped[k] = skipped.get(k, 0) + v
+    return {str(r): st for r, (st, _) in enumerate(gathered)}, skipped
 
 
 def _report(row: dict, model, optimizer, scheduler, state: dict, rank: int) -> None:
@@ -142,21 +156,32 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.warmup_steps, job.total_steps)
     state = _restore(model, optimizer, scheduler)
-    cache = HiddenStateCache(Path(job.cache_folder), job.cache_fields, create=False) if job.cache_folder else None
     tracking = _RankZeroTracking(job, rank, state)
-    stream = train_stream(job.train_shards, rank, world, job.seed, epoch=state["step"])
+    spec = StreamSpec(**{**job.stream, "rank": rank, "world": world})
+    loader = TrainLoader(spec, resume=(state.get("data") or {}).get(str(rank)), step=state["step"])
+    keys_log = Path(job.fail_marker).parent / "sample_keys" / f"rank{rank}.jsonl" if tcfg.log_sample_keys else None
     dist = Dist(rank, world)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     while state["step"] < job.total_steps:
         _inject_failure(tcfg, state["step"], rank, world, Path(job.fail_marker))
-        batch = _next_batch(stream, model, cache, tcfg.batch_size)
+        t0 = time.perf_counter()
+        b = next(loader)
+        waited = time.perf_counter() - t0
         row = {"step": state["step"] + 1,
-               **train_step(model, batch, optimizer, scheduler, trainable, tcfg.grad_clip, dist, autocast)}
+               **train_step(model, _to_batch(b, device), optimizer, scheduler, trainable, tcfg.grad_clip, dist,
+                            autocast)}
+        row.update(data_wait_s=waited, step_s=time.perf_counter() - t0)
+        if keys_log is not None:
+            keys_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(keys_log, "a") as f:
+                f.write(json.dumps({"step": row["step"], "keys": b["keys"]}) + "\n")
         state["step"] = row["step"]
         state["history"].append(row)
         tracking.log(row, tcfg.log_every)
         if row["step"] % tcfg.checkpoint_every == 0 or row["step"] == job.total_steps:
+            state["data"], state["skipped_samples"] = _gather_data_states(loader, world)
             _report(row, model, optimizer, scheduler, state, rank)
+    loader.close()
     tracking.end()
 
 

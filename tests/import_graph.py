@@ -201,3 +201,39 @@ def uncovered_and_unused(read: set[str], declared: list[str]) -> tuple[set[str],
     uncovered = {k for k in read if not any(covers(d, k) for d in declared)}
     unused = {d for d in declared if not any(covers(d, k) for k in read)}
     return uncovered, unused
+
+
+def rewrite_dvc_code_deps(text: str, graph: dict[str, set[str]]) -> str:
+    """``dvc.yaml`` with each stage's ``mpe/`` deps replaced by what its code imports (other deps, params,
+    outs and comments kept as written). ``python -m tests.import_graph`` applies it."""
+    out, stage, in_deps, pending = [], None, False, []
+
+    def flush():
+        nonlocal pending
+        if in_deps:
+            keep = [d for d in pending if not d.startswith("mpe/")]
+            out.extend(f"      - {d}" for d in keep + sorted(stage_code_deps(graph, stage)))
+        pending = []
+
+    for line in text.splitlines():
+        m_stage = re.match(r"^  (\w+):\s*$", line)
+        m_item = re.match(r"^      - (\S+)\s*$", line)
+        if in_deps and m_item:
+            pending.append(m_item.group(1))
+            continue
+        if in_deps:
+            flush()
+            in_deps = False
+        if m_stage:
+            stage = m_stage.group(1)
+        if re.match(r"^    deps:\s*$", line):
+            in_deps = True
+        out.append(line)
+    flush()
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    dvc = ROOT / "dvc.yaml"
+    dvc.write_text(rewrite_dvc_code_deps(dvc.read_text(), import_graph()))
+    print(f"rewrote the mpe/ deps of {dvc}")

@@ -17,7 +17,7 @@ def small_params(root: Path, base: Path, **overrides) -> dict:
         "model": {"embed_dim": 64, "text": {"num_prompts": 2, "max_caption_tokens": 32},
                   "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_layers": 2,
                              "num_heads": 2, "intermediate_size": 128}},
-        "cache": {"root": str(root / "cache"), "batch_size": 8, "part_size": 32},
+        "cache": {"root": str(root / "cache"), "batch_size": 8},
         "train": {"storage_path": str(root / "ray_results"), "out_dir": str(root / "models" / "trained"),
                   "batch_size": 16, "max_steps": 6, "checkpoint_every": 2, "log_every": 1,
                   "save_dtype": "float32"},

@@ -1,19 +1,18 @@
-"""Reading the webdataset shards img2dataset wrote: whole splits for evaluation, per-rank streams for
-training. Bad samples (undecodable image, empty caption) are skipped and counted, never fatal."""
+"""Reading whole splits of the webdataset shards img2dataset wrote (evaluation sets); training streams
+through ``mpe.data.train_stream``. Bad samples (undecodable image, empty caption) are skipped and
+counted, never fatal."""
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from mpe.data.tar_stream import caption_of, image_of
 
 
 @dataclass
@@ -32,24 +31,18 @@ def shard_paths(folder: str | Path) -> list[Path]:
     return shards
 
 
-def rank_splitter(rank: int, world_size: int):
-    """A webdataset ``nodesplitter`` taking every ``world_size``-th shard from ``rank`` on: what
-    ``webdataset.split_by_node`` does, with the rank given explicitly (Ray Train's context)."""
-    return lambda src: itertools.islice(src, rank, None, world_size)
-
-
 def decode(key: str, files: dict, skipped: Counter) -> Sample | None:
     """A :class:`Sample` from a group of files, or None (counted in ``skipped``) if it is unusable."""
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    if ext is None:
+    image = image_of(files)
+    if image is None:
         skipped["no_image"] += 1
         return None
-    caption = files.get("txt", b"").decode("utf-8", errors="replace").strip()
+    caption = caption_of(files)
     if not caption:
         skipped["empty_caption"] += 1
         return None
     try:
-        with Image.open(io.BytesIO(files[ext])) as im:
+        with Image.open(io.BytesIO(image)) as im:
             im.load()
             image = im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError):
@@ -100,7 +93,7 @@ def split_captions(folder: str | Path) -> list[str]:
                         select_files=lambda name: name.endswith(".txt"))
     out = []
     for raw in ds:
-        text = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
+        text = caption_of(raw)
         if text:
             out.append(text)
     return out
@@ -110,35 +103,3 @@ def load_split(folder: str | Path) -> tuple[list[Sample], Counter]:
     """Every usable sample of a split, in shard order, and the counts of what was skipped."""
     skipped: Counter = Counter()
     return list(iter_samples(shard_paths(folder), skipped)), skipped
-
-
-def train_stream(folder: str | Path, rank: int, world_size: int, seed: int, skipped: Counter | None = None,
-                 epoch: int = 0):
-    """An endless per-rank stream of samples: this rank's shards (``rank_splitter``), reshuffled every
-    pass, or — with fewer shards than ranks — every ``world_size``-th sample of all shards. Callers
-    take a fixed number of batches per epoch, so every rank steps the same number of times (no DDP
-    hang on uneven shards)."""
-    shards = shard_paths(folder)
-    by_sample = len(shards) < world_size
-    skipped = Counter() if skipped is None else skipped
-    rng = random.Random(seed * 1000 + rank)
-    buffer: list[Sample] = []
-    pass_ = epoch
-    while True:
-        order = list(shards)
-        random.Random(seed + pass_).shuffle(order)  # the same order on every rank, then split
-        splitter = None if by_sample else rank_splitter(rank, world_size)
-        n = 0
-        for i, s in enumerate(iter_samples(order, skipped, splitter)):
-            if by_sample and i % world_size != rank:
-                continue
-            n += 1
-            buffer.append(s)
-            if len(buffer) >= 64:  # small shuffle buffer
-                yield buffer.pop(rng.randrange(len(buffer)))
-        if n == 0 and not buffer:
-            raise RuntimeError(f"{folder}: rank {rank} has no usable samples ({dict(skipped)} skipped)")
-        pass_ += 1
-        rng.shuffle(buffer)
-        while buffer:
-            yield buffer.pop()

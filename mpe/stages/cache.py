@@ -1,19 +1,34 @@
-"""Stage ``cache``: the frozen trunk's hidden states for every unique text the pipeline embeds (training
-captions and evaluation texts), stored once under a key of everything that changes them; resumable."""
+"""Stage ``cache``: the frozen trunk's hidden states, one cache shard per training data shard (its samples
+in its order) plus one shard of the evaluation texts, under a key of everything that changes them.
+Shards already built from the same data are kept: a killed or repeated run computes only what is
+missing. The disk it will take is printed before anything is computed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from mpe import storage
 from mpe.atomic import write_json
-from mpe.cache_compute import autocast_dtype, cache_fields, fill_cache, load_trunk_tower
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_compute import (autocast_dtype, cache_data_shard, cache_fields, cache_texts, compute_dtype_name,
+                               data_shard_identity, estimate_bytes, is_current, load_trunk_tower, trunk_info)
+from mpe.cache_store import STORAGE, CacheFolder
 from mpe.config import Params
 from mpe.data.evaluation_sets import evaluation_texts
-from mpe.data.loader import split_captions
-from mpe.ray_cache_engine import fill_cache_with_ray
+from mpe.errors import StageInputError
+from mpe.ray_cache_engine import build_with_ray
+
+
+def _announce(est: dict, dtype: str, warn_gb: float) -> None:
+    gb = est["bytes"] / 1e9
+    print(f"cache: {est['samples']:,} samples, {est['unique_texts']:,} unique texts × ~{est['mean_rows']:.0f} rows "
+          f"× {est['hidden']} hidden × {est['bytes_per_value']} B ({dtype}) ≈ {gb:,.2f} GB on disk", flush=True)
+    if gb > warn_gb:
+        print(f"WARNING: the cache will take about {gb:,.0f} GB, above cache.warn_gb ({warn_gb:g}); a float8 "
+              "cache.dtype (float8_e4m3_row) halves float16's size", flush=True)
 
 
 def run(params: Params) -> dict:
@@ -25,19 +40,42 @@ def run(params: Params) -> dict:
         write_json(summary_file, summary)
         return summary
     base_dir = Path(params.base_model.out_dir)
-    data_root = Path(params.data.out_dir)
-    text = params.model.text
-    trust = params.base_model.trust_remote_code
-    cache = HiddenStateCache.for_config(cfg.root, cache_fields(base_dir, text, cfg.dtype, trust))
-    texts = list(dict.fromkeys(split_captions(data_root / "shards" / "train") + evaluation_texts(data_root)))
-    before = len(cache)
+    data_root = params.data.out_dir
+    text, trust = params.model.text, params.base_model.trust_remote_code
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    autocast = autocast_dtype(cfg.autocast, device)
+    info = trunk_info(base_dir, text, trust)
+    folder = CacheFolder(cfg.root, cache_fields(base_dir, text, cfg.dtype, trust, compute_dtype_name(autocast), info))
+    folder.ensure()
+    data_shards = storage.list_files(storage.join(data_root, "shards", "train"), ".tar")
+    if not data_shards:
+        raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
+    jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
+    jobs = [(d, out) for d, out in jobs if not is_current(out, data_shard_identity(d))]
+    eval_texts = list(dict.fromkeys(evaluation_texts(Path(data_root))))
+    texts_out = folder.texts_url(eval_texts)
+    texts_job = [] if storage.exists(texts_out) else [(eval_texts, texts_out)]
+    for sub in ("train", "texts"):
+        storage.remove_stale_temporaries(storage.join(folder.url, sub))
+
+    est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
+    _announce(est, cfg.dtype, cfg.warn_gb)
+    bar = tqdm(desc="cache trunk states", unit="text")
     if cfg.engine == "ray":
-        computed = fill_cache_with_ray(cache, texts, base_dir, text, trust, cfg, params.ray)
+        ray_jobs = jobs + [("texts:" + json.dumps(t), o) for t, o in texts_job]
+        computed = build_with_ray(ray_jobs, base_dir, text, trust, cfg, params.ray, bar.update)
     else:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         tower = load_trunk_tower(base_dir, text, trust, device)
-        computed = fill_cache(cache, tower, texts, cfg.batch_size, cfg.part_size, autocast_dtype(cfg.autocast, device))
-    summary = {"folder": str(cache.folder), "key": cache.folder.name, "texts": len(texts),
-               "already_cached": before, "computed": computed, "entries": len(cache)}
+        computed = 0
+        for d, out in jobs:
+            computed += cache_data_shard(tower, d, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
+        for t, out in texts_job:
+            computed += cache_texts(tower, t, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
+    bar.close()
+    folder.write_active()
+    summary = {"folder": folder.url, "key": folder.key, "compute_dtype": folder.fields["compute_dtype"],
+               "storage_dtype": cfg.dtype, "data_shards": len(data_shards), "shards_computed": len(jobs),
+               "texts_computed": computed, "estimate": est}
     write_json(summary_file, summary)
     return summary
+

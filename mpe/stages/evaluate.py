@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mpe.atomic import write_json
 from mpe.cache_compute import cache_fields
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_store import TextStates, open_active
 from mpe.config import Params
 from mpe.data.loader import load_split
 from mpe.evaluation import TextEmbedder, chance_levels, evaluate_model, flat_metrics, prompt_patch_maps
@@ -29,8 +29,7 @@ def run(params: Params) -> dict:
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     cache = None
     if params.cache.enabled and isinstance(trained.text, LLMTextTower):
-        fields = cache_fields(base_dir, trained.cfg.text, params.cache.dtype)
-        cache = HiddenStateCache.for_config(params.cache.root, fields, create=False)
+        cache = TextStates(open_active(params.cache.root, cache_fields(base_dir, trained.cfg.text, params.cache.dtype)))
     models = {"trained": trained}
     if params.evaluate.compare_untrained:
         models["untrained"] = MultiPromptCLIP.from_base(base_dir, trained.cfg, seed=params.seed).eval()

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from mpe import storage
 from mpe.atomic import write_json
 from mpe.base_model import source_label
-from mpe.cache_compute import cache_fields
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_compute import cache_fields, data_shard_identity, is_current
+from mpe.cache_store import CacheFolder, open_active
 from mpe.checkpoint import load_trainable
 from mpe.config import Params
-from mpe.data.loader import split_captions
 from mpe.data.stats import read_stats
 from mpe.errors import StageInputError
 from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
@@ -23,41 +23,52 @@ from mpe.tracking_settings import tracking_settings
 from mpe.train_worker import TrainJob, build_model, fit
 
 
-def _training_cache(root: str, fields: dict, train_shards: Path) -> str:
-    """The cache folder for ``fields``, checked to hold every training caption."""
-    cache = HiddenStateCache.for_config(Path(root).resolve(), fields, create=False)
-    missing = cache.missing(split_captions(train_shards))
-    if missing:
-        raise StageInputError(f"{cache.folder} lacks {len(missing)} training captions; run `mpe cache` first")
-    return str(cache.folder)
+def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
+    """The cache shard of every data shard, each checked to be built from that very shard."""
+    shards = [folder.shard_url("train", d) for d in data_shards]
+    stale = [d for d, c in zip(data_shards, shards) if not is_current(c, data_shard_identity(d))]
+    if stale:
+        raise StageInputError(f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current "
+                              f"cache shard (first: {storage.name(stale[0])}); run `mpe cache` first")
+    return shards
+
+
+def _data_wait_share(history: list[dict], skip_first: bool) -> float | None:
+    rows = history[1:] if skip_first else history
+    total = sum(r.get("step_s", 0.0) for r in rows)
+    return sum(r.get("data_wait_s", 0.0) for r in rows) / total if total else None
 
 
 def run(params: Params) -> dict:
     tcfg = params.train
     base_dir = Path(params.base_model.out_dir).resolve()
     data_root = Path(params.data.out_dir).resolve()
-    train_shards = data_root / "shards" / "train"
+    data_shards = storage.list_files(storage.join(str(data_root), "shards", "train"), ".tar")
     stats = read_stats(data_root)
     n_train = int(stats["splits"]["train"]["successes"])
     total = total_steps(tcfg, n_train)
-    cache_folder, fields = None, None
+    cache_shards, fields = None, None
     if params.cache.enabled:
-        fields = cache_fields(base_dir, params.model.text, params.cache.dtype, params.base_model.trust_remote_code)
-        cache_folder = _training_cache(params.cache.root, fields, train_shards)
+        expected = cache_fields(base_dir, params.model.text, params.cache.dtype, params.base_model.trust_remote_code)
+        folder = open_active(str(Path(params.cache.root).resolve()), expected)
+        fields = folder.fields
+        cache_shards = _cache_shards(folder, data_shards)
     run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,
                                                                  stats, fields))
     settings = tracking_settings(params.mlflow)
-    storage = Path(tcfg.storage_path).resolve()
+    ray_storage = Path(tcfg.storage_path).resolve()
     logged = {"seed": params.seed, "base_model": params.base_model.model_dump(mode="json"),
               "model": params.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
               "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}}
     job = TrainJob(seed=params.seed, model=params.model.model_dump(mode="json"), train=tcfg.model_dump(mode="json"),
                    base_dir=str(base_dir), trust_remote_code=params.base_model.trust_remote_code,
                    provenance={"base_model": source_label(params.base_model)}, total_steps=total,
-                   train_shards=str(train_shards), cache_folder=cache_folder, cache_fields=fields,
+                   stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
+                           "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
+                           "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
                    tracking=asdict(settings), logged_params=logged, run_name=run_name,
-                   fail_marker=str(storage / run_name / ".injected_failure"))
-    weights, state = fit(job, tcfg, params.ray, storage)
+                   fail_marker=str(ray_storage / run_name / ".injected_failure"))
+    weights, state = fit(job, tcfg, params.ray, ray_storage)
 
     model = build_model(job)
     load_trainable(model, weights)
@@ -72,6 +83,9 @@ def run(params: Params) -> dict:
     final = state["history"][-1] if state["history"] else {}
     summary = {"steps": state["step"], "total_steps": total, "train_samples": n_train,
                "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
+               "data_wait_share": _data_wait_share(state["history"], False),
+               "data_wait_share_after_first_step": _data_wait_share(state["history"], True),
+               "skipped_samples": state.get("skipped_samples", {}),
                "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
         summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)

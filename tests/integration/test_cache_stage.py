@@ -1,7 +1,7 @@
-"""The hidden-state cache for real: states equal a fresh trunk pass, reruns compute nothing,
-a killed run resumes, another configuration never reuses the folder."""
+"""The cache stage for real: shard-aligned states equal a fresh trunk pass, reruns compute nothing, a
+killed run resumes shard by shard, a changed data shard is recomputed, another configuration never
+reuses the folder, the Ray engine writes the same shards, and any fsspec URL works as the root."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,107 +13,155 @@ import pytest
 import torch
 import yaml
 
+from mpe import storage
 from mpe.cache_compute import cache_fields, load_trunk_tower
-from mpe.cache_store import HiddenStateCache
+from mpe.cache_store import CacheFolder, ShardReader, TextStates, open_active
 from mpe.config import load_params
 from mpe.data.evaluation_sets import evaluation_texts
-from mpe.data.loader import split_captions
-from mpe.errors import CacheMismatch
+from mpe.data.loader import load_split
 from mpe.stages.cache import run as run_cache_stage
 
 
-def load_text_tower(params, base):
-    return load_trunk_tower(Path(base), params.model.text)
+def _active(params):
+    base = Path(params.base_model.out_dir)
+    return open_active(params.cache.root, cache_fields(base, params.model.text, params.cache.dtype))
 
 
-def open_cache(params, base):
-    return HiddenStateCache.for_config(params.cache.root, cache_fields(Path(base), params.model.text, params.cache.dtype))
+def _train_shards(params):
+    return storage.list_files(storage.join(params.data.out_dir, "shards", "train"), ".tar")
 
 
-def texts_to_cache(params):
-    root = Path(params.data.out_dir)
-    return list(dict.fromkeys(split_captions(root / "shards" / "train") + evaluation_texts(root)))
-
-
-def test_cache_holds_exactly_the_trunk_states(project):
-    root, params = project
-    tower = load_text_tower(params, Path(params.base_model.out_dir))
-    cache = open_cache(params, params.base_model.out_dir)
-    texts = texts_to_cache(params)
-    assert len(cache) == len(texts) and not cache.missing(texts)
-    sample = texts[:3] + texts[-3:]
-    batch = tower.tokenize(sample)
-    with torch.no_grad():
-        fresh = tower.trunk(batch)
+def test_cache_shards_hold_exactly_the_trunk_states_of_their_samples(project):
+    _, params = project
+    tower = load_trunk_tower(Path(params.base_model.out_dir), params.model.text)
+    folder = _active(params)
+    samples = load_split(Path(params.data.out_dir) / "shards" / "train")[0]
     seg = tower.layout.segments_len
-    for i, t in enumerate(sample):
-        stored, c = cache.get(t)
-        assert c == batch.caption_lens[i].item()
-        expect = fresh[i, -(c + seg):]
-        assert stored.dtype == torch.float16
-        # another batch composition (padding) moves fp32 results in the last bits, then fp16 rounds
-        assert torch.allclose(stored.float(), expect, rtol=2e-3, atol=2e-3)
-    # and the padded batch the top reads gives the same readouts as the full pass
-    states, lens = cache.batch(sample)
-    with torch.no_grad():
-        via_cache = tower.top(states, tower.arrange(lens))
-        full = tower.readouts(batch)
-    assert (via_cache - full).abs().max() < 5e-2  # float16 storage
+    seen = 0
+    for shard in _train_shards(params):
+        r = ShardReader(folder.shard_url("train", shard))
+        assert r.metadata["data_shard"] == storage.name(shard)
+        by_key = {s.key: s for s in samples}
+        keys = [k for k in r.keys]
+        assert keys == sorted(keys)  # the data shard's (canonical) order
+        seen += len(keys)
+        pick = list(range(0, len(keys), 9))[:6]
+        caps = [by_key[keys[i]].caption for i in pick]
+        with torch.no_grad():
+            fresh = tower.trunk(tower.tokenize(caps))
+        for j, i in enumerate(pick):
+            u = int(r.sample_text[i])
+            c = int(r.caption_lens[u])
+            # another batch composition (padding) moves fp32 results in the last bits, then fp16 rounds
+            assert torch.allclose(r.rows(u), fresh[j, -(c + seg):], rtol=2e-3, atol=2e-3)
+    assert seen == len(samples)
+    texts = TextStates(folder)
+    evaluation = evaluation_texts(Path(params.data.out_dir))
+    assert all(t in texts for t in evaluation) and len(texts) == len(set(evaluation))
+    states, lens = texts.batch(evaluation[:3])
+    with torch.no_grad():  # the padded batch the top reads gives the readouts of the full pass
+        full = tower.readouts(tower.tokenize(evaluation[:3]))
+        assert (tower.top(states, tower.arrange(lens)) - full).abs().max() < 5e-2
 
 
-def test_rerun_computes_nothing(project):
+def test_rerun_computes_nothing_and_the_estimate_came_first(project, capsys):
     _, params = project
     summary = run_cache_stage(params)
-    assert summary["computed"] == 0 and summary["already_cached"] == summary["entries"]
+    assert summary["shards_computed"] == 0 and summary["texts_computed"] == 0
+    out = capsys.readouterr().out
+    assert "unique texts" in out and "GB on disk" in out
+    actual = sum(os.path.getsize(p) for p in Path(summary["folder"]).rglob("*.safetensors"))
+    assert 0.7 < summary["estimate"]["bytes"] / actual < 1.3, (summary["estimate"], actual)
 
 
 def test_other_config_gets_another_folder_and_a_mismatch_is_refused(project):
-    root, params = project
+    _, params = project
     base = Path(params.base_model.out_dir)
-    folder = open_cache(params, base).folder
-    other = params.model_copy(update={"cache": params.cache.model_copy(update={"dtype": "float32"})})
-    assert open_cache(other, base).folder != folder
-    fields = json.loads((folder / "manifest.json").read_text())
-    fields["num_prompts"] = 5
-    with pytest.raises(CacheMismatch, match="num_prompts"):
-        HiddenStateCache(folder, fields)
+    fields = cache_fields(base, params.model.text, params.cache.dtype)
+    other = cache_fields(base, params.model.text, "float8_e4m3_row")
+    assert CacheFolder(params.cache.root, fields).key != CacheFolder(params.cache.root, other).key
+    assert CacheFolder(params.cache.root, fields).key != CacheFolder(
+        params.cache.root, cache_fields(base, params.model.text, params.cache.dtype, compute_dtype="bfloat16")).key
 
 
-def test_killed_cache_run_resumes(project, tmp_path):
-    root, params = project
+def _copy_project(root: Path, tmp_path: Path, **cache) -> Path:
     data = yaml.safe_load((root / "params.yaml").read_text())
-    data["cache"] = {**data["cache"], "root": str(tmp_path / "cache"), "part_size": 4, "batch_size": 2}
+    data["cache"] = {**data["cache"], "root": str(tmp_path / "cache"), **cache}
+    data["evaluate"] = {**data["evaluate"], "out_dir": str(tmp_path / "metrics")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path / "params.yaml"
+
+
+def _finished(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("train/*.safetensors") if not p.name.startswith(".")]
+
+
+def test_killed_cache_run_resumes_shard_by_shard(project, tmp_path):
+    root, _ = project
+    path = _copy_project(root, tmp_path, batch_size=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mpe.cli", "--params", str(tmp_path / "params.yaml"), "cache"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "mpe.cli", "--params", str(path), "cache"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list((tmp_path / "cache").rglob("part-*.json"))) < 3:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not _finished(tmp_path / "cache"):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
-    done_parts = len(list((tmp_path / "cache").rglob("part-*.json")))
-    assert done_parts >= 3
-    params2 = load_params(tmp_path / "params.yaml")
-    total = len(texts_to_cache(params2))
-    summary = run_cache_stage(params2)
-    assert summary["already_cached"] >= 3 * 4
-    assert summary["already_cached"] + summary["computed"] == total == summary["entries"]
-    assert not list((tmp_path / "cache").rglob(".part-*"))  # no temp file left behind
+    done = {p: p.stat().st_mtime_ns for p in _finished(tmp_path / "cache")}
+    assert done, "no shard finished before the kill"
+    params = load_params(path)
+    n = len(_train_shards(params))
+    summary = run_cache_stage(params)
+    assert summary["shards_computed"] == n - len(done)
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # finished shards were kept, not recomputed
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no temp file left
+    assert len(_finished(tmp_path / "cache")) == n
 
 
-def test_ray_data_engine_writes_the_same_cache(project, tmp_path, ray_session):
-    """cache.engine: ray runs the trunk in Ray Data map_batches actors; the states match the local engine."""
+def test_a_changed_data_shard_is_recomputed(project, tmp_path):
+    import shutil
+
     root, params = project
-    ray_params = params.model_copy(update={"cache": params.cache.model_copy(
-        update={"engine": "ray", "root": str(tmp_path / "cache"), "part_size": 16})})
+    data = tmp_path / "data"
+    shutil.copytree(params.data.out_dir, data)
+    path = _copy_project(root, tmp_path)
+    p = yaml.safe_load(path.read_text())
+    p["data"]["out_dir"] = str(data)
+    path.write_text(yaml.safe_dump(p))
+    params2 = load_params(path)
+    assert run_cache_stage(params2)["shards_computed"] == len(_train_shards(params2))
+    parquet = sorted((data / "shards" / "train").glob("*.parquet"))[0]
+    import pandas as pd
+
+    df = pd.read_parquet(parquet)
+    df.loc[0, "caption"] = df.loc[0, "caption"] + " (edited)"  # the shard's index changed: stale cache
+    df.to_parquet(parquet, index=False)
+    assert run_cache_stage(params2)["shards_computed"] == 1
+
+
+def test_ray_data_engine_writes_the_same_shards(project, tmp_path, ray_session):
+    root, params = project
+    ray_params = load_params(_copy_project(root, tmp_path, engine="ray"))
     summary = run_cache_stage(ray_params)
-    assert summary["computed"] == summary["entries"] == len(texts_to_cache(params))
-    base = Path(params.base_model.out_dir)
-    local, remote = open_cache(params, base), open_cache(ray_params, base)
-    for t in texts_to_cache(params)[::7]:
-        a, ca = local.get(t)
-        b, cb = remote.get(t)
-        assert ca == cb and torch.allclose(a.float(), b.float(), rtol=2e-3, atol=2e-3)
+    assert summary["shards_computed"] == len(_train_shards(params))
+    local, remote = _active(params), _active(ray_params)
+    for shard in _train_shards(params):
+        a, b = ShardReader(local.shard_url("train", shard)), ShardReader(remote.shard_url("train", shard))
+        assert a.keys == b.keys and torch.equal(a.row_offsets, b.row_offsets)
+        for u in range(0, a.num_texts, 5):
+            assert torch.allclose(a.rows(u), b.rows(u), rtol=2e-3, atol=2e-3)
+    assert len(TextStates(remote)) == len(TextStates(local))
+
+
+def test_a_file_url_root_reads_and_writes_through_fsspec(project, tmp_path):
+    root, _ = project
+    url_params = load_params(_copy_project(root, tmp_path))
+    url_params = url_params.model_copy(update={"cache": url_params.cache.model_copy(
+        update={"root": (tmp_path / "cache").as_uri()})})
+    summary = run_cache_stage(url_params)
+    assert summary["folder"].startswith("file://") and summary["shards_computed"] > 0
+    assert list((tmp_path / "cache").rglob("train/*.safetensors"))
+    folder = _active(url_params)
+    assert ShardReader(folder.shard_url("train", _train_shards(url_params)[0])).keys

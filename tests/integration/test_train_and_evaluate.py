@@ -18,7 +18,7 @@ def trained(project, tiny_base_dir, ray_session):
     from mpe.stages.train import run as run_train_stage
 
     root, _ = project
-    data = small_params(root, tiny_base_dir, train={"fail_at_step": 3, "max_failures": 1})
+    data = small_params(root, tiny_base_dir, train={"fail_at_step": 3, "max_failures": 1, "log_sample_keys": True})
     params = load_params(write_params(root, data))
     summary = run_train_stage(params)
     return root, params, summary
@@ -32,6 +32,35 @@ def test_failure_restarts_from_last_checkpoint(trained):
     history = json.loads((root / "metrics" / "train_history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def _keys_by_step(run_dir: Path) -> dict[int, dict[int, list[str]]]:
+    """{rank: {step: keys}} from the key logs; a step trained again after a restart keeps its last record."""
+    out = {}
+    for log in sorted((run_dir / "sample_keys").glob("rank*.jsonl")):
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        out[int(log.stem[4:])] = {r["step"]: r["keys"] for r in rows}
+    return out
+
+
+def test_a_restarted_run_trains_on_exactly_the_samples_of_an_uninterrupted_one(trained, tiny_base_dir):
+    from mpe.stages.train import run as run_train_stage
+
+    root, params, summary = trained
+    resumed = _keys_by_step(Path(params.train.storage_path) / summary["ray_run_name"])
+    data = small_params(root, tiny_base_dir, train={"log_sample_keys": True, "run_name": "uninterrupted",
+                                                    "out_dir": str(root / "models" / "uninterrupted")},
+                        evaluate={"out_dir": str(root / "metrics-uninterrupted")})
+    straight = run_train_stage(load_params(write_params(root, data)))
+    assert straight["restored_from_step"] is None
+    reference = _keys_by_step(Path(params.train.storage_path) / straight["ray_run_name"])
+    assert set(resumed) == set(reference) == {0, 1}
+    for rank in reference:
+        assert sorted(reference[rank]) == list(range(1, 7))
+        assert resumed[rank] == reference[rank], rank
+    assert len({k for r in reference.values() for keys in r.values() for k in keys}) > 16  # not one batch over again
+    assert 0 <= summary["data_wait_share"] < 1
+    write_params(root, small_params(root, tiny_base_dir))
 
 
 def test_trained_folder_loads_and_differs_from_untrained(trained):
@@ -106,7 +135,7 @@ def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
     from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
 
     from mpe.cache_compute import cache_fields
-    from mpe.cache_store import HiddenStateCache
+    from mpe.cache_store import TextStates, open_active
     from mpe.data.loader import load_split
     from mpe.evaluation import TextEmbedder, embed_images
     from mpe.stages.evaluate import run as run_evaluate_stage
@@ -121,8 +150,8 @@ def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
     model = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     test, _ = load_split(root / "data" / "shards" / "test")
     texts = list(dict.fromkeys(s.caption for s in test))
-    cache = HiddenStateCache.for_config(params.cache.root, cache_fields(Path(params.base_model.out_dir),
-                                                                       params.model.text, params.cache.dtype))
+    cache = TextStates(open_active(params.cache.root, cache_fields(Path(params.base_model.out_dir),
+                                                                   params.model.text, params.cache.dtype)))
     t = TextEmbedder(model, cache)(texts)
     v = embed_images(model, [s.image for s in test])
     pos = torch.tensor([[s.caption == x for s in test] for x in texts])

@@ -1,0 +1,107 @@
+"""The training stream for real: tar shards and their cache shards read in lockstep by loader worker
+processes, a seeded shuffle buffer, and a resume that continues the exact key sequence."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpe.cache_compute import cache_data_shard, load_trunk_tower
+from mpe.cache_store import ShardReader
+from mpe.data.synthetic_corpus import write_corpus
+from mpe.data.train_stream import SlotStream, StreamSpec, TrainLoader
+from mpe.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def corpus(project, tmp_path_factory):
+    _, params = project
+    root = tmp_path_factory.mktemp("stream")
+    shards = write_corpus(root / "shards", 150, 40, image_size=32, empty_caption_every=17,
+                          corrupt_image_every=23, captions_repeat=2)
+    tower = load_trunk_tower(Path(params.base_model.out_dir), params.model.text)
+    caches = []
+    for d in shards:
+        out = root / "cache" / f"{d.stem}.safetensors"
+        cache_data_shard(tower, str(d), str(out), "float16", batch_size=8)
+        caches.append(str(out))
+    return tuple(map(str, shards)), tuple(caches), tower
+
+
+def _spec(corpus, **kw):
+    data, cache, _ = corpus
+    base = dict(data_shards=data, cache_shards=cache, batch_size=8, image_size=32, shuffle_buffer=24, seed=3,
+                rank=0, world=1, workers=2)
+    return StreamSpec(**{**base, **kw})
+
+
+def _keys(loader, n):
+    return [next(loader)["keys"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_exact_key_sequence(corpus, workers):
+    spec = _spec(corpus, workers=workers)
+    whole = TrainLoader(spec)
+    expected = _keys(whole, 30)  # 240 samples: past the end of the first pass of each slot
+    whole.close()
+    first = TrainLoader(spec)
+    got = _keys(first, 13)
+    state = first.state()
+    first.close()
+    resumed = TrainLoader(spec, resume=state, step=13)
+    got += _keys(resumed, 17)
+    resumed.close()
+    assert got == expected
+
+
+def test_each_slot_reads_its_samples_once_per_pass(corpus):
+    data, cache, _ = corpus
+    expect = {k for url in cache for k in ShardReader(url).keys}  # every sample with a caption
+    for n_slots in (2, 7):  # by shard (4 shards, 2 slots) and by sample (7 slots > 4 shards)
+        seen = Counter()
+        for slot in range(n_slots):
+            stream = SlotStream(_spec(corpus), slot, n_slots)
+            mine = []
+            while True:
+                raw = stream._next_raw()
+                if stream.epoch > 0:  # the first sample of the next pass
+                    break
+                mine.append(raw.key)
+            seen.update(mine)
+        assert set(seen) == expect and set(seen.values()) == {1}, n_slots
+
+
+def test_batches_carry_the_cached_states_of_their_captions(corpus):
+    _, cache, tower = corpus
+    readers = [ShardReader(u) for u in cache]
+    by_key = {k: (r, int(r.sample_text[i])) for r in readers for i, k in enumerate(r.keys)}
+    loader = TrainLoader(_spec(corpus, workers=0))
+    batch = next(loader)
+    loader.close()
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (8, 3, 32, 32)
+    fresh = tower.trunk(tower.tokenize(batch["captions"]))  # an independent pass over the same captions
+    seg = tower.layout.segments_len
+    for i, key in enumerate(batch["keys"]):
+        reader, u = by_key[key]
+        c = int(batch["caption_lens"][i])
+        rows = batch["states"][i, -(c + seg):].float()
+        assert torch.equal(rows, reader.rows(u))
+        assert torch.allclose(rows, fresh[i, -(c + seg):].float(), rtol=2e-3, atol=2e-3)
+        assert (batch["states"][i, :-(c + seg)] == 0).all()
+
+
+def test_skipped_samples_are_counted(corpus):
+    loader = TrainLoader(_spec(corpus, workers=0, shuffle_buffer=1))
+    for _ in range(19):  # 150 samples: 8 empty captions, ~6 corrupt images
+        next(loader)
+    skipped = loader.skipped_total()
+    assert skipped["empty_caption"] >= 8 and skipped["bad_image"] >= 5
+
+
+def test_a_cache_shard_of_another_data_shard_is_refused(corpus):
+    data, cache, _ = corpus
+    loader = TrainLoader(_spec(corpus, cache_shards=tuple(reversed(cache)), workers=0))
+    with pytest.raises(DataError, match="does not match data shard"):
+        next(loader)
