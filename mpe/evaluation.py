@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpe import storage
 from mpe.cache_store import TextStates
 from mpe.data.evaluation_sets import negation_queries, zero_shot_tasks
 from mpe.data.loader import load_split
@@ -47,17 +48,18 @@ def retrieval_on(samples, text_embed, image_emb, ks) -> dict:
     return res
 
 
-def evaluate_model(model, data_root: Path, embed_text, ks=(1, 5, 10)) -> dict:
+def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> dict:
     """All metrics of one model on the test split, the negation set and the zero-shot tasks (those present)."""
-    test, skipped = load_split(data_root / "shards" / "test")
+    test, skipped = load_split(storage.join(data_root, "shards", "test"))
     image_emb = embed_images(model, [s.image for s in test])
     out = {"test": retrieval_on(test, embed_text, image_emb, ks), "skipped_test_samples": dict(skipped)}
     comp = [i for i, s in enumerate(test) if s.meta.get("compositional")]
     if comp:
         out["test_compositional"] = retrieval_on([test[i] for i in comp], embed_text, image_emb[comp], ks)
     queries = negation_queries(data_root)
-    if queries and (data_root / "shards" / "negation").exists():
-        by_id = {s.meta.get("id"): s.image for s in load_split(data_root / "shards" / "negation")[0]}
+    negation_shards = storage.join(data_root, "shards", "negation")
+    if queries and storage.list_files(negation_shards, ".tar"):
+        by_id = {s.meta.get("id"): s.image for s in load_split(negation_shards)[0]}
         queries = [q for q in queries if q["positive"] in by_id and q["negative"] in by_id]
         if queries:
             q_emb = embed_text([q["query"] for q in queries])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mpe.hashing import file_sha256
+from mpe import storage
 
 
 def git_commit(project: Path) -> str:
@@ -36,17 +36,17 @@ def dvc_out_hashes(project: Path) -> dict[str, str]:
     return out
 
 
-def test_set_sha256(test_shards: Path) -> str:
+def test_set_sha256(test_shards: str) -> str:
     """Content hash of a test split's shards: two evaluations are comparable only if it matches."""
     h = hashlib.sha256()
-    for tar in sorted(Path(test_shards).glob("*.tar")):
-        h.update(tar.name.encode())
-        h.update(file_sha256(tar).encode())
+    for tar in storage.list_files(test_shards, ".tar"):
+        h.update(storage.name(tar).encode())
+        h.update(storage.sha256(tar).encode())
     return h.hexdigest()
 
 
 def lineage_tags(project: Path, outputs: dict[str, str], base_model: str, base_model_sha256: str,
-                 test_shards: Path, train_info: dict, flow_run_id: str | None = None) -> dict[str, str]:
+                 test_shards: str, train_info: dict, flow_run_id: str | None = None) -> dict[str, str]:
     """The tags every registered version carries. ``outputs`` maps a tag (``data``, ``cache``, ``model``,
     ``base_model``) to the DVC output path whose hash it records."""
     hashes = dvc_out_hashes(project)

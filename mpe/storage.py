@@ -23,6 +23,11 @@ def is_local(url: str | Path) -> bool:
     return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
 
 
+def absolute(url: str | Path) -> str:
+    """A local path made absolute (workers may run in another directory); a URL as it is."""
+    return str(Path(url).resolve()) if "://" not in str(url) else str(url)
+
+
 def join(url: str | Path, *parts: str) -> str:
     out = str(url).rstrip("/")
     for p in parts:
@@ -109,9 +114,3 @@ def remove_stale_temporaries(url: str | Path) -> int:
         fs.rm(p)
     return len(stale)
 
-
-def local_path(url: str | Path) -> str:
-    """The filesystem path of a local URL (``file:///x`` → ``/x``)."""
-    if not is_local(url):
-        raise ValueError(f"{url} is not on the local filesystem")
-    return os.fspath(_fs(url)[1])

@@ -11,28 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mpe import storage
 from mpe.data.loader import split_captions
 
 NEGATION_FILE = "negation.json"
 ZERO_SHOT_FILE = "zero_shot.json"
 
 
-def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
+def _read_json(url: str, default):
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else default
 
 
-def negation_queries(data_root: Path) -> list[dict]:
-    return _read_json(Path(data_root) / NEGATION_FILE, [])
+def negation_queries(data_root: str | Path) -> list[dict]:
+    return _read_json(storage.join(data_root, NEGATION_FILE), [])
 
 
-def zero_shot_tasks(data_root: Path) -> dict[str, dict[str, list[str]]]:
-    return _read_json(Path(data_root) / ZERO_SHOT_FILE, {})
+def zero_shot_tasks(data_root: str | Path) -> dict[str, dict[str, list[str]]]:
+    return _read_json(storage.join(data_root, ZERO_SHOT_FILE), {})
 
 
-def evaluation_texts(data_root: Path) -> list[str]:
+def evaluation_texts(data_root: str | Path) -> list[str]:
     """Every text the evaluation embeds: test captions, negation queries, zero-shot prompts."""
-    data_root = Path(data_root)
-    texts = split_captions(data_root / "shards" / "test")
+    texts = split_captions(storage.join(data_root, "shards", "test"))
     texts += [q["query"] for q in negation_queries(data_root)]
     texts += [p for classes in zero_shot_tasks(data_root).values() for ps in classes.values() for p in ps]
     return texts

@@ -1,18 +1,20 @@
-"""Reading whole splits of the webdataset shards img2dataset wrote (evaluation sets); training streams
-through ``mpe.data.train_stream``. Bad samples (undecodable image, empty caption) are skipped and
-counted, never fatal."""
+"""Reading whole splits of webdataset shards (the evaluation sets), through ``mpe.storage`` (a folder or
+any fsspec URL); training streams through ``mpe.data.train_stream``. Bad samples (undecodable image,
+empty caption) are skipped and counted, never fatal."""
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mpe.data.tar_stream import caption_of, image_of
+from mpe import storage
+from mpe.data.tar_stream import caption_of, captions, image_of, iter_samples as iter_tar
 
 
 @dataclass
@@ -23,9 +25,8 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-def shard_paths(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    shards = sorted(folder.glob("*.tar"))
+def shard_paths(folder: str | Path) -> list[str]:
+    shards = storage.list_files(str(folder), ".tar")
     if not shards:
         raise FileNotFoundError(f"{folder}: no webdataset shards (*.tar); run `mpe data` first")
     return shards
@@ -57,46 +58,22 @@ def decode(key: str, files: dict, skipped: Counter) -> Sample | None:
     return Sample(key, image, caption, meta)
 
 
-def _counting_handler(skipped: Counter):
-    def handler(exn: Exception) -> bool:
-        skipped[f"unreadable:{type(exn).__name__}"] += 1
-        return True  # skip the broken member or shard and go on
-    return handler
-
-
-def iter_samples(shards: list[Path], skipped: Counter | None = None, nodesplitter=None):
-    """Decoded samples of ``shards`` read with webdataset, in order.
-
-    ``nodesplitter`` picks this rank's shards (``webdataset.split_by_node`` under torch.distributed,
-    or an explicit ``islice`` by rank); by default every shard is read.
-    """
-    import webdataset as wds
-
+def iter_samples(shards: list[str], skipped: Counter | None = None):
+    """Decoded samples of ``shards``, in order; an unreadable shard is counted and skipped."""
     skipped = Counter() if skipped is None else skipped
-    ds = wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False,
-                        nodesplitter=nodesplitter or (lambda src: src), workersplitter=None,
-                        handler=_counting_handler(skipped))
-    for raw in ds:
-        files = {k.lower(): v for k, v in raw.items() if not k.startswith("__")}
-        s = decode(raw["__key__"], files, skipped)
-        if s is not None:
-            yield s
+    for shard in shards:
+        try:
+            for key, files in iter_tar(shard):
+                s = decode(key, files, skipped)
+                if s is not None:
+                    yield s
+        except (tarfile.TarError, OSError, EOFError) as err:
+            skipped[f"unreadable:{type(err).__name__}"] += 1
 
 
 def split_captions(folder: str | Path) -> list[str]:
-    """The non-empty captions of a split, read from the shards' ``.txt`` members only."""
-    import webdataset as wds
-
-    skipped: Counter = Counter()
-    ds = wds.WebDataset([str(s) for s in shard_paths(folder)], shardshuffle=False, empty_check=False,
-                        nodesplitter=lambda src: src, workersplitter=None, handler=_counting_handler(skipped),
-                        select_files=lambda name: name.endswith(".txt"))
-    out = []
-    for raw in ds:
-        text = caption_of(raw)
-        if text:
-            out.append(text)
-    return out
+    """The non-empty captions of a split, in shard order (images left unread)."""
+    return [text for shard in shard_paths(folder) for _, text in captions(shard)]
 
 
 def load_split(folder: str | Path) -> tuple[list[Sample], Counter]:

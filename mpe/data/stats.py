@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mpe import storage
 from mpe.errors import StageInputError
 
 STATS_FILE = "stats.json"
@@ -23,9 +24,9 @@ def shard_stats(folder: Path) -> dict:
     return total
 
 
-def read_stats(out: Path) -> dict:
-    """The ``stats.json`` the data stage wrote into ``out``."""
-    path = Path(out) / STATS_FILE
-    if not path.exists():
-        raise StageInputError(f"{path}: not found; run `mpe data` first")
-    return json.loads(path.read_text())
+def read_stats(out: str | Path) -> dict:
+    """The ``stats.json`` the data stage wrote into ``out`` (a folder or URL)."""
+    url = storage.join(out, STATS_FILE)
+    if not storage.exists(url):
+        raise StageInputError(f"{url}: not found; run `mpe data` first")
+    return json.loads(storage.read_bytes(url))

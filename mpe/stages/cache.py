@@ -52,7 +52,7 @@ def run(params: Params) -> dict:
         raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
     jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
     jobs = [(d, out) for d, out in jobs if not is_current(out, data_shard_identity(d))]
-    eval_texts = list(dict.fromkeys(evaluation_texts(Path(data_root))))
+    eval_texts = list(dict.fromkeys(evaluation_texts(data_root)))
     texts_out = folder.texts_url(eval_texts)
     texts_job = [] if storage.exists(texts_out) else [(eval_texts, texts_out)]
     for sub in ("train", "texts"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mpe import storage
 from mpe.atomic import write_json
 from mpe.cache_compute import cache_fields
 from mpe.cache_store import TextStates, open_active
@@ -23,7 +24,7 @@ from mpe.tracking_settings import tracking_settings
 def run(params: Params) -> dict:
     ks = tuple(params.evaluate.ks)
     batch_size = params.evaluate.batch_size
-    data_root = Path(params.data.out_dir)
+    data_root = params.data.out_dir
     base_dir = Path(params.base_model.out_dir)
     metrics_dir, plots = Path(params.evaluate.out_dir), Path(params.evaluate.plots_dir)
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
@@ -46,7 +47,7 @@ def run(params: Params) -> dict:
     history = metrics_dir / "train_history.json"
     if history.exists():
         loss_curves(json.loads(history.read_text()), plots / "loss.png")
-    shown = load_split(data_root / "shards" / "test")[0][:4]
+    shown = load_split(storage.join(data_root, "shards", "test"))[0][:4]
     emb = TextEmbedder(trained, cache)([s.caption for s in shown])
     prompt_maps([s.image for s in shown], prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
                 [s.caption for s in shown], plots / "prompt_maps.png")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mpe import storage
 from mpe.atomic import write_json
 from mpe.config import Params
 from mpe.errors import StageInputError
@@ -20,7 +21,7 @@ from mpe.tracking_settings import tracking_settings
 
 def run(params: Params, project: Path = Path("."), flow_run_id: str | None = None) -> dict:
     metrics_dir = Path(params.evaluate.out_dir)
-    data_root = Path(params.data.out_dir)
+    data_root = params.data.out_dir
     train = json.loads((metrics_dir / "train.json").read_text())
     if not train.get("model_uri"):
         raise StageInputError(f"{metrics_dir / 'train.json'} has no model_uri: the train stage logged no model")
@@ -37,7 +38,7 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
                   "base_model": params.base_model.out_dir},
         base_model=params.base_model.name + (f"@{params.base_model.revision}" if params.base_model.revision else ""),
         base_model_sha256=checkpoint_sha256(base_dir) if base_dir.exists() else "",
-        test_shards=data_root / "shards" / "test", train_info=train, flow_run_id=flow_run_id)
+        test_shards=storage.join(data_root, "shards", "test"), train_info=train, flow_run_id=flow_run_id)
     result = register_and_gate(tracking_settings(params.mlflow), params.registry, train["model_uri"],
                                evaluation["trained"], lineage, evaluate_champion)
     write_json(metrics_dir / "register.json", result)

@@ -42,15 +42,15 @@ def _data_wait_share(history: list[dict], skip_first: bool) -> float | None:
 def run(params: Params) -> dict:
     tcfg = params.train
     base_dir = Path(params.base_model.out_dir).resolve()
-    data_root = Path(params.data.out_dir).resolve()
-    data_shards = storage.list_files(storage.join(str(data_root), "shards", "train"), ".tar")
+    data_root = storage.absolute(params.data.out_dir)
+    data_shards = storage.list_files(storage.join(data_root, "shards", "train"), ".tar")
     stats = read_stats(data_root)
     n_train = int(stats["splits"]["train"]["successes"])
     total = total_steps(tcfg, n_train)
     cache_shards, fields = None, None
     if params.cache.enabled:
         expected = cache_fields(base_dir, params.model.text, params.cache.dtype, params.base_model.trust_remote_code)
-        folder = open_active(str(Path(params.cache.root).resolve()), expected)
+        folder = open_active(storage.absolute(params.cache.root), expected)
         fields = folder.fields
         cache_shards = _cache_shards(folder, data_shards)
     run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,

@@ -155,11 +155,12 @@ def test_ray_data_engine_writes_the_same_shards(project, tmp_path, ray_session):
     assert len(TextStates(remote)) == len(TextStates(local))
 
 
-def test_a_file_url_root_reads_and_writes_through_fsspec(project, tmp_path):
+def test_file_urls_for_data_and_cache_go_through_fsspec(project, tmp_path):
     root, _ = project
     url_params = load_params(_copy_project(root, tmp_path))
-    url_params = url_params.model_copy(update={"cache": url_params.cache.model_copy(
-        update={"root": (tmp_path / "cache").as_uri()})})
+    url_params = url_params.model_copy(update={
+        "cache": url_params.cache.model_copy(update={"root": (tmp_path / "cache").as_uri()}),
+        "data": url_params.data.model_copy(update={"out_dir": Path(url_params.data.out_dir).as_uri()})})
     summary = run_cache_stage(url_params)
     assert summary["folder"].startswith("file://") and summary["shards_computed"] > 0
     assert list((tmp_path / "cache").rglob("train/*.safetensors"))

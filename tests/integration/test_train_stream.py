@@ -105,3 +105,13 @@ def test_a_cache_shard_of_another_data_shard_is_refused(corpus):
     loader = TrainLoader(_spec(corpus, cache_shards=tuple(reversed(cache)), workers=0))
     with pytest.raises(DataError, match="does not match data shard"):
         next(loader)
+
+
+def test_shards_read_through_file_urls_give_the_same_batches(corpus):
+    data, cache, _ = corpus
+    as_url = lambda paths: tuple(Path(p).as_uri() for p in paths)  # noqa: E731
+    local = TrainLoader(_spec(corpus, workers=0))
+    remote = TrainLoader(_spec(corpus, data_shards=as_url(data), cache_shards=as_url(cache), workers=0))
+    for _ in range(3):
+        a, b = next(local), next(remote)
+        assert a["keys"] == b["keys"] and torch.equal(a["states"], b["states"]) and torch.equal(a["pixels"], b["pixels"])
