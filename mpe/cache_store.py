@@ -9,8 +9,8 @@ Layout of ``<root>/<key>/`` (``<root>`` is a local folder or any fsspec URL)::
     texts/<fingerprint>.safetensors  evaluation texts that are not training samples (test captions,
                                      negation queries, zero-shot prompts), looked up by their sha256
 
-and ``<root>/ACTIVE.json``, the key (and fields) the last cache stage wrote, which training and
-evaluation read. A cache shard is a plain safetensors file (readable by ``safetensors.safe_open``)::
+and ``<root>/active/<config>.json``: for each configuration (the fields but the compute precision, which
+is the cache stage's choice), the key the last cache stage wrote, which training and evaluation read. A cache shard is a plain safetensors file (readable by ``safetensors.safe_open``)::
 
     states       (R, H)    storage dtype; the rows of each unique caption back to back
     row_scales   (R,)/(1,) float32 scales of a float8 ``states`` (per row / per tensor); absent otherwise
@@ -43,7 +43,7 @@ from mpe.hashing import fingerprint
 from mpe.text.prompt_sequence import PromptLayout
 
 FORMAT_VERSION = 2
-ACTIVE_FILE = "ACTIVE.json"
+ACTIVE_DIR = "active"
 SHA_BYTES = 32
 
 
@@ -314,18 +314,22 @@ class CacheFolder:
         return storage.join(self.url, "texts", fingerprint(sorted(set(texts)), 16) + ".safetensors")
 
     def write_active(self) -> None:
-        with storage.atomic_local_copy(storage.join(self.root, ACTIVE_FILE), ".json") as tmp:
+        with storage.atomic_local_copy(_pointer(self.root, self.fields), ".json") as tmp:
             tmp.write_text(json.dumps({"key": self.key, "fields": self.fields}, indent=1, sort_keys=True))
 
 
+def _pointer(root: str | Path, fields: dict) -> str:
+    config = {k: v for k, v in fields.items() if k != "compute_dtype"}
+    return storage.join(root, ACTIVE_DIR, cache_key(config) + ".json")
+
+
 def open_active(root: str | Path, expected: dict) -> CacheFolder:
-    """The cache folder the last cache stage wrote, checked against ``expected`` fields (all but the
-    compute precision, which is the cache stage's choice)."""
-    pointer = storage.join(root, ACTIVE_FILE)
+    """The cache folder the last cache stage wrote for the configuration of ``expected`` (its fields but
+    the compute precision, which is the cache stage's choice)."""
+    pointer = _pointer(root, expected)
     if not storage.exists(pointer):
-        raise StageInputError(f"{pointer}: no cache yet; run `mpe cache` first")
-    active = json.loads(storage.read_bytes(pointer))
-    fields = active["fields"]
+        raise StageInputError(f"{root}: no cache for this configuration yet; run `mpe cache` first")
+    fields = json.loads(storage.read_bytes(pointer))["fields"]
     diff = sorted(k for k in set(fields) | set(expected) if k != "compute_dtype" and fields.get(k) != expected.get(k))
     if diff:
         raise StageInputError(f"{pointer} names a cache for another configuration (differs in: {', '.join(diff)}); "

@@ -104,7 +104,58 @@ def cmd_compare(args) -> None:
     from mpe.compare import write_comparison
     from mpe.tracking_settings import tracking_settings
 
+    if args.suite:
+        from mpe.experiments.report import collect, table_rows, terminal
+        from mpe.experiments.suite import load_suite, suite_path
+
+        suite = load_suite(suite_path(args.suite))
+        cells = collect(tracking_settings(load_params(suite.base).mlflow), suite.name, args.form)
+        if not cells:
+            raise ConfigError(f"no finished runs of suite '{suite.name}' (form {args.form}) in MLflow yet: "
+                              f"`mpe experiments run {suite.name}` first")
+        print(terminal(table_rows(cells, list(suite.cells), suite.baseline, suite.metrics), suite.metrics), end="")
+        return
     print(write_comparison(tracking_settings(_params(args).mlflow), Path(args.out), args.last), end="")
+
+
+def cmd_reweight(args) -> None:
+    from mpe.stages import reweight
+
+    _print_json(reweight.run(_params(args), args.model))
+
+
+def cmd_experiments_run(args) -> None:
+    from flows.experiments import experiment_suite
+
+    print(experiment_suite(args.name, args.form, ".", args.only or None))
+
+
+def cmd_experiments_report(args) -> None:
+    import subprocess
+
+    from mpe.atomic import write_text
+    from mpe.experiments.report import collect, plot, results_markdown, table_rows
+    from mpe.experiments.suite import load_suite, suite_path
+    from mpe.tracking import log_to_run, parent_run
+    from mpe.tracking_settings import tracking_settings
+
+    suite = load_suite(suite_path(args.name))
+    settings = tracking_settings(load_params(suite.base).mlflow)
+    cells = collect(settings, suite.name, args.form)
+    if not cells:
+        raise ConfigError(f"no finished runs of suite '{suite.name}' (form {args.form}) in MLflow yet")
+    out = Path(args.out)
+    png = out.with_name(f"results_{suite.name}_{args.form}.png")
+    rows = table_rows(cells, list(suite.cells), suite.baseline, suite.metrics)
+    plot(rows, [m for m in suite.metrics if "R@5" in m][:4] or suite.metrics[:2], png,
+         f"{suite.name} ({args.form}): mean ± std over seeds")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    command = f"mpe experiments report {suite.name} --form {args.form}"
+    write_text(out, results_markdown(suite, args.form, cells, command, commit or "unknown", png.name))
+    parent = parent_run(settings, f"{suite.name} ({args.form})",
+                        {"mpe.suite": suite.name, "mpe.form": args.form, "mpe.suite_parent": "true"})
+    log_to_run(settings, parent, artifacts=[out, png], artifact_path="report")
+    print(f"wrote {out} and {png} ({len(cells)} cells); logged to MLflow run {parent}")
 
 
 def _project_params(args) -> Path:
@@ -177,10 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     pool = sub.add_parser("work-pool", help="create the Prefect process work pool (offline-safe)")
     pool.add_argument("--name", default="local-process")
     pool.set_defaults(func=cmd_work_pool)
-    cmp_ = sub.add_parser("compare", help="a markdown table of the last N MLflow runs")
+    cmp_ = sub.add_parser("compare", help="a markdown table of the last N MLflow runs, or of a suite")
     cmp_.add_argument("--last", type=int, default=5)
     cmp_.add_argument("--out", default="metrics/compare.md")
+    cmp_.add_argument("--suite", help="an experiment suite's cells (mean ± std over seeds, from MLflow)")
+    cmp_.add_argument("--form", default="quick")
     cmp_.set_defaults(func=cmd_compare)
+    rw = sub.add_parser("reweight", help="aspect weights chosen on the validation split, test gain")
+    rw.add_argument("--model", help="model folder (default: train.out_dir)")
+    rw.set_defaults(func=cmd_reweight)
+    exp = sub.add_parser("experiments", help="experiment suites (experiments/<name>.yaml)").add_subparsers(
+        dest="experiments_command", required=True)
+    er = exp.add_parser("run", help="run every cell and seed of a suite (resumes a stopped one)")
+    er.add_argument("name")
+    er.add_argument("--form", default="quick", help="the suite's budget (forms in the suite file)")
+    er.add_argument("--only", nargs="*", help="run only these cells")
+    er.set_defaults(func=cmd_experiments_run)
+    ep = exp.add_parser("report", help="write docs/RESULTS.md and a plot from MLflow")
+    ep.add_argument("name")
+    ep.add_argument("--form", default="quick")
+    ep.add_argument("--out", default="docs/RESULTS.md")
+    ep.set_defaults(func=cmd_experiments_report)
     return p
 
 

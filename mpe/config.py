@@ -138,6 +138,7 @@ class ShapesConfig(_Strict):
     negation_queries: int = Field(80, ge=0)
     held_out_pairs: int = Field(6, ge=0, le=48)
     p_secondary: float = Field(0.6, ge=0, le=1)
+    aspect_probes: int = Field(0, ge=0, description="test captions given one-aspect-changed variants (per-prompt analysis)")
 
 
 class DataConfig(_Strict):
@@ -186,6 +187,7 @@ class MlflowConfig(_Strict):
     tracking_uri: str = "sqlite:///mlruns.db"
     artifact_root: str = "mlartifacts"
     experiment: str = "mpe"
+    tags: dict[str, str] = Field({}, description="extra tags on the training run (experiment suites set them)")
 
 
 class RayConfig(_Strict):
@@ -226,6 +228,7 @@ class EvalConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     ks: list[int] = [1, 5, 10]
     compare_untrained: bool = True
+    splits: list[Literal["test", "val"]] = Field(["test"], description="splits evaluated (val: for choices)")
 
 
 class RegisterConfig(_Strict):

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from mpe import storage
 from mpe.cache_store import TextStates
-from mpe.data.evaluation_sets import negation_queries, zero_shot_tasks
+from mpe.data.evaluation_sets import aspect_probes, negation_queries, zero_shot_tasks
 from mpe.data.loader import load_split
 from mpe.objective import text_from_cache
+from mpe.prompt_analysis import aspect_accuracy, caption_over_negated, inter_prompt_cosine, per_prompt_recall
 from mpe.retrieval_metrics import retrieval_metrics
+from mpe.text.tower import TextEmbedding
 
 
 class TextEmbedder:
@@ -23,16 +25,21 @@ class TextEmbedder:
         self.model, self.cache, self.batch_size = model, cache, batch_size
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
+    def features(self, texts: list[str]) -> TextEmbedding:
+        """Embeddings, raw prompt pieces and (with negation) negated embeddings of ``texts``."""
         out = []
         for i in range(0, len(texts), self.batch_size):
             chunk = texts[i:i + self.batch_size]
             if self.cache is not None and all(t in self.cache for t in chunk):
                 states, lens = self.cache.batch(chunk)
-                out.append(text_from_cache(self.model, states.to(self.model.device), lens).embedding)
+                out.append(text_from_cache(self.model, states.to(self.model.device), lens))
             else:
-                out.append(self.model.encode_text(chunk))
-        return torch.cat(out)
+                out.append(self.model.text_features(chunk))
+        cat = lambda name: None if getattr(out[0], name) is None else torch.cat([getattr(o, name) for o in out])  # noqa: E731
+        return TextEmbedding(cat("embedding"), cat("pieces"), cat("negated"), cat("negated_pieces"))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.features(texts).embedding
 
 
 @torch.no_grad()
@@ -40,19 +47,60 @@ def embed_images(model, images, batch_size: int = 64) -> torch.Tensor:
     return torch.cat([model.encode_image(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def retrieval_on(samples, text_embed, image_emb, ks) -> dict:
+def retrieval_on(samples, text_embed, image_emb, ks, pieces: int = 1) -> dict:
+    """R@k both ways; with ``pieces`` > 1 also text→image R@1 of each prompt's segment alone."""
     texts = list(dict.fromkeys(s.caption for s in samples))
     pos = torch.tensor([[s.caption == t for s in samples] for t in texts], dtype=torch.bool)
-    res = retrieval_metrics(text_embed(texts), image_emb, pos, ks)
+    emb = text_embed(texts)
+    res = retrieval_metrics(emb, image_emb, pos, ks)
+    if pieces > 1:
+        for i, r in enumerate(per_prompt_recall(emb, image_emb, pos, pieces)):
+            res[f"prompt_{i + 1}_text_to_image_R@1"] = r
     res["n_texts"], res["n_images"] = len(texts), len(samples)
     return res
+
+
+def split_embeddings(model, data_root: str | Path, split: str, embed_text) -> tuple:
+    """``(text embeddings, image embeddings, positives)`` of a split's unique captions and images."""
+    samples, _ = load_split(storage.join(data_root, "shards", split))
+    texts = list(dict.fromkeys(s.caption for s in samples))
+    pos = torch.tensor([[s.caption == t for s in samples] for t in texts], dtype=torch.bool)
+    return embed_text(texts), embed_images(model, [s.image for s in samples]), pos
+
+
+def analyse_prompts(model, embed_text: TextEmbedder, samples, image_emb, probes: list[dict]) -> dict:
+    """Inter-prompt cosine, caption vs negated embedding, and the per-prompt aspect probe (``probes``)."""
+    k = model.num_pieces
+    feats = embed_text.features([s.caption for s in samples])
+    out = {"inter_prompt_cosine": inter_prompt_cosine(feats.pieces)}
+    if feats.negated is not None:
+        out["caption_over_negated_accuracy"] = caption_over_negated(image_emb, feats.embedding, feats.negated)
+    by_id = {s.meta.get("id"): i for i, s in enumerate(samples)}
+    probes = [p for p in probes if p["id"] in by_id]
+    if probes:
+        rows = [by_id[p["id"]] for p in probes]
+        variants = {a: embed_text([p["variants"][a] for p in probes]) for a in probes[0]["variants"]}
+        out["aspects"] = aspect_accuracy(image_emb[rows], embed_text([p["caption"] for p in probes]), variants, k)
+        out["aspect_probes"] = len(probes)
+    return out
+
+
+def evaluate_split(model, data_root: str | Path, split: str, embed_text, ks=(1, 5, 10)) -> dict:
+    """Retrieval on another split (the validation split, for choices that must not see the test split)."""
+    samples, skipped = load_split(storage.join(data_root, "shards", split))
+    image_emb = embed_images(model, [s.image for s in samples])
+    return {split: retrieval_on(samples, embed_text, image_emb, ks, model.num_pieces),
+            f"skipped_{split}_samples": dict(skipped)}
 
 
 def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> dict:
     """All metrics of one model on the test split, the negation set and the zero-shot tasks (those present)."""
     test, skipped = load_split(storage.join(data_root, "shards", "test"))
     image_emb = embed_images(model, [s.image for s in test])
-    out = {"test": retrieval_on(test, embed_text, image_emb, ks), "skipped_test_samples": dict(skipped)}
+    out = {"test": retrieval_on(test, embed_text, image_emb, ks, model.num_pieces),
+           "skipped_test_samples": dict(skipped)}
+    if isinstance(embed_text, TextEmbedder) and model.num_pieces > 1:
+        out["prompts"] = analyse_prompts(model, embed_text, test, image_emb, aspect_probes(data_root))
     comp = [i for i, s in enumerate(test) if s.meta.get("compositional")]
     if comp:
         out["test_compositional"] = retrieval_on([test[i] for i in comp], embed_text, image_emb[comp], ks)
@@ -110,11 +158,24 @@ def chance_levels(result: dict, ks) -> dict:
 
 def flat_metrics(result: dict) -> dict:
     """The headline numbers of one model as a flat dict (for MLflow and plots)."""
-    flat = {k: v for k, v in result["test"].items() if "@" in k}
+    flat = {k: v for k, v in result["test"].items() if "@" in k and not k.startswith("prompt_")}
     for k, v in result.get("test_compositional", {}).items():
-        if "@" in k:
+        if "@" in k and not k.startswith("prompt_"):
             flat[f"compositional_{k}"] = v
     for k, v in result.items():
         if k == "negation_accuracy" or (k.startswith("zero_shot_") and k.endswith("_accuracy")):
             flat[k] = v
+    return flat
+
+
+def analysis_metrics(result: dict) -> dict:
+    """Per-prompt and negated-prompt numbers, flat (``prompt_2_text_to_image_R@1``, ``aspect_colour_full``, …)."""
+    flat = {k: v for k, v in result["test"].items() if k.startswith("prompt_")}
+    prompts = result.get("prompts", {})
+    for k in ("inter_prompt_cosine", "caption_over_negated_accuracy"):
+        if k in prompts:
+            flat[k] = prompts[k]
+    for aspect, row in prompts.get("aspects", {}).items():
+        for who, v in row.items():
+            flat[f"aspect_{aspect}_{who}"] = v
     return flat

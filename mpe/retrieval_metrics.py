@@ -30,7 +30,11 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
 
 def retrieval_metrics(text_emb, image_emb, positives, ks=(1, 5, 10)) -> dict:
     """``text_to_image_R@k`` and ``image_to_text_R@k``; ``positives`` is (n_texts, n_images) bool."""
-    scores = text_emb @ image_emb.T
+    return retrieval_from_scores(text_emb @ image_emb.T, positives, ks)
+
+
+def retrieval_from_scores(scores, positives, ks=(1, 5, 10)) -> dict:
+    """The same from a ``(n_texts, n_images)`` score matrix (any similarity, e.g. aspect re-weighted)."""
     out = {}
     for k in ks:
         out[f"text_to_image_R@{k}"] = recall_at_k(scores, positives, k)

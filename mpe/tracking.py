@@ -126,3 +126,18 @@ def download_model_folder(model_uri: str) -> Path:
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts/mpe_model"))
+
+
+def parent_run(settings: TrackingSettings, name: str, tags: dict[str, str]) -> str:
+    """The run with exactly these tags (created if there is none): the parent a suite's runs nest under."""
+    import mlflow
+
+    client = use(settings)
+    exp = mlflow.get_experiment_by_name(settings.experiment)
+    found = mlflow.search_runs([exp.experiment_id], output_format="list",
+                               filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()))
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -45,6 +45,7 @@ class TrainJob:
     stream: dict  # StreamSpec fields but rank and world
     tracking: dict | None
     logged_params: dict
+    run_tags: dict
     run_name: str
     fail_marker: str
 
@@ -71,7 +72,7 @@ class _RankZeroTracking:
             return
         settings = TrackingSettings(**job.tracking)
         state["mlflow_run_id"] = start_run(settings, state.get("mlflow_run_id"), job.run_name, job.logged_params,
-                                           {"ray_run_name": job.run_name, "mpe.stage": "train"})
+                                           {"ray_run_name": job.run_name, "mpe.stage": "train", **job.run_tags})
         if state["restored_from_step"] is not None:
             log_metrics({"restored_from_step": state["restored_from_step"]}, step=state["step"])
 

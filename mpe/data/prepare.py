@@ -19,8 +19,8 @@ from tqdm import tqdm
 from mpe.atomic import atomic_path, write_json, write_text
 from mpe.config import DataConfig
 from mpe.data.canonical_shards import canonicalize_folder
-from mpe.data.evaluation_sets import NEGATION_FILE, ZERO_SHOT_FILE
-from mpe.data.shapes import plan_splits, render, zero_shot_prompts
+from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
+from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.url_list import read_url_list
 from mpe.data.stats import STATS_FILE, shard_stats
 from mpe.errors import DataError
@@ -78,6 +78,9 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         add("val", f"val-{i:05d}", scene, scene.caption(), render_seed=seed + 7_000_000 + i)
     for i, (scene, comp) in enumerate(zip(plan.test, plan.test_compositional)):
         add("test", f"test-{i:05d}", scene, scene.caption(), comp, render_seed=seed + 8_000_000 + i)
+    rng = random.Random(seed * 104729 + 5)
+    aspects = [{"id": f"test-{i:05d}", "caption": scene.caption(), "variants": aspect_variants(scene, rng)}
+               for i, scene in enumerate(plan.test[:s.aspect_probes])]
     negation = []
     for i, (query, without, with_neg) in enumerate(plan.negation):
         rs = seed + 9_000_000 + i  # the same seed: the two images differ only in the negated object
@@ -93,6 +96,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
             _write_parquet(pd.DataFrame(r), lists[split])
     write_json(out / NEGATION_FILE, negation)
     write_json(out / ZERO_SHOT_FILE, zero_shot_prompts())
+    write_json(out / ASPECTS_FILE, aspects)
     write_json(out / "held_out_pairs.json", sorted(plan.held_out), indent=None)
     return lists
 
@@ -150,8 +154,8 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
     else:
         lists, report = split_url_list(cfg, seed, out)
         extra = ["id"]
-        write_json(out / NEGATION_FILE, [])  # a URL list brings no negation or zero-shot sets of its own
-        write_json(out / ZERO_SHOT_FILE, {})
+        for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
+            write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
     stats = {"source": cfg.source, "url_list_report": report, "splits": {}}
     for split, url_list in lists.items():
         folder = out / "shards" / split

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -256,3 +256,26 @@ def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
     """
     return {"shape": {s: [f"a {c} {s}" for c in COLOURS] for s in SHAPES},
             "colour": {c: [f"a {c} {s}" for s in SHAPES] for c in COLOURS}}
+
+
+ASPECTS = ("colour", "shape", "size", "position", "background")
+
+
+def aspect_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
+    """For each aspect, the caption of ``scene`` with only that aspect of the main object (or the
+    background) changed: what a prompt that encodes the aspect must tell apart from the true caption."""
+    main, out = scene.main, {}
+    out["colour"] = rng.choice([c for c in COLOURS if c != main.colour and c not in CLASHES[scene.background]])
+    out["shape"] = rng.choice([x for x in SHAPES if x != main.shape])
+    variants = {
+        "colour": replace(scene, main=replace(main, colour=out["colour"])),
+        "shape": replace(scene, main=replace(main, shape=out["shape"])),
+        "size": replace(scene, main=replace(main, size="small" if main.size == "large" else "large")),
+        "background": replace(scene, background=rng.choice([b for b in BACKGROUNDS if b != scene.background])),
+    }
+    if scene.secondary is not None:
+        relation = rng.choice([r for r in RELATIONS if r != scene.relation])
+        variants["position"] = replace(scene, relation=relation, position=RELATIONS[relation][0])
+    else:
+        variants["position"] = replace(scene, position=rng.choice([p for p in POSITIONS if p != scene.position]))
+    return {a: variants[a].caption() for a in ASPECTS}

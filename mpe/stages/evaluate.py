@@ -13,7 +13,8 @@ from mpe.cache_compute import cache_fields
 from mpe.cache_store import TextStates, open_active
 from mpe.config import Params
 from mpe.data.loader import load_split
-from mpe.evaluation import TextEmbedder, chance_levels, evaluate_model, flat_metrics, prompt_patch_maps
+from mpe.evaluation import (TextEmbedder, analysis_metrics, chance_levels, evaluate_model, evaluate_split, flat_metrics,
+                            prompt_patch_maps)
 from mpe.model import MultiPromptCLIP
 from mpe.plots import loss_curves, prompt_maps, recall_bars
 from mpe.text.tower import LLMTextTower
@@ -38,6 +39,11 @@ def run(params: Params) -> dict:
                for name, m in models.items()}
     report = {name: flat_metrics(r) for name, r in results.items()}
     report["chance"] = chance_levels(results["trained"], ks)
+    report["analysis"] = {name: analysis_metrics(r) for name, r in results.items()}
+    for split in params.evaluate.splits:
+        if split != "test":
+            r = evaluate_split(trained, data_root, split, TextEmbedder(trained, cache, batch_size), ks)
+            report[split] = {"trained": {k: v for k, v in r[split].items() if "@" in k}}
     report["details"] = results
     write_json(metrics_dir / "eval.json", report)
 
@@ -57,5 +63,10 @@ def run(params: Params) -> dict:
     if run_id:
         metrics = {f"eval.{k}": v for k, v in report["trained"].items()}
         metrics.update({f"eval_untrained.{k}": v for k, v in report.get("untrained", {}).items()})
+        metrics.update({f"eval_analysis.{k}": v for k, v in report["analysis"]["trained"].items()})
+        metrics.update({f"eval_untrained_analysis.{k}": v for k, v in report["analysis"].get("untrained", {}).items()})
+        for split in params.evaluate.splits:
+            if split != "test":
+                metrics.update({f"eval_{split}.{k}": v for k, v in report[split]["trained"].items()})
         log_to_run(tracking_settings(params.mlflow), run_id, metrics, sorted(plots.glob("*.png")))
     return report

@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
                    stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
                            "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
-                   tracking=asdict(settings), logged_params=logged, run_name=run_name,
+                   tracking=asdict(settings), logged_params=logged, run_tags=dict(params.mlflow.tags), run_name=run_name,
                    fail_marker=str(ray_storage / run_name / ".injected_failure"))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
 

@@ -75,8 +75,12 @@ def test_key_manifest_and_active_pointer(tmp_path):
         open_active(tmp_path, FIELDS)
     folder.write_active()
     assert open_active(tmp_path, {**FIELDS, "compute_dtype": "bfloat16"}).key == folder.key  # the stage's choice
-    with pytest.raises(StageInputError, match="differs in: num_prompts"):
+    with pytest.raises(StageInputError, match="no cache for this configuration"):
         open_active(tmp_path, {**FIELDS, "num_prompts": 5})
+    pointer = next((tmp_path / "active").glob("*.json"))  # a pointer edited by hand to another folder
+    pointer.write_text(json.dumps({"key": "x", "fields": {**FIELDS, "num_prompts": 5}}))
+    with pytest.raises(StageInputError, match="differs in: num_prompts"):
+        open_active(tmp_path, FIELDS)
     forged = CacheFolder(tmp_path, {**FIELDS, "dtype": "bfloat16"})
     (tmp_path / forged.key).mkdir()
     (tmp_path / forged.key / "manifest.json").write_text(json.dumps(FIELDS))
