@@ -61,17 +61,6 @@ def cache_fields(base_dir: Path, text: TextConfig, storage_dtype: str, trust_rem
     return key_fields(info.model_sha256, info.layout, text, storage_dtype, info.n_layers, compute_dtype)
 
 
-def autocast_dtype(mode: str, device: str) -> torch.dtype | None:
-    """``cache.autocast``: bf16 when asked, or on CUDA under ``auto``; None means fp32 compute."""
-    if mode == "bfloat16" or (mode == "auto" and device == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def compute_dtype_name(autocast: torch.dtype | None) -> str:
-    return "bfloat16" if autocast == torch.bfloat16 else "float32"
-
-
 def trunk_rows(states: torch.Tensor, caption_lens: list[int], segments_len: int) -> list[torch.Tensor]:
     """Each caption's own rows (no left padding) of a padded ``(B, T, H)`` trunk output, as fp32 on CPU."""
     return [states[i, -(c + segments_len):].float().cpu() for i, c in enumerate(caption_lens)]

@@ -176,7 +176,7 @@ class CacheConfig(_Strict):
         "float16", description="storage; float8 is e4m3 scaled per row or per tensor")
     batch_size: int = Field(32, ge=1)
     autocast: Literal["auto", "bfloat16", "none"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU (bf16 is slower on most CPUs)")
+        "auto", description="auto: bf16 autocast on GPU, and on a CPU where a start-up probe finds bf16 faster")
     engine: Literal["local", "ray"] = "local"
     ray_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0, ge=0)
@@ -207,6 +207,8 @@ class TrainConfig(_Strict):
     shuffle_buffer: int = Field(256, ge=1, description="samples each loader worker draws from at random")
     loader_workers: int = Field(1, ge=0, description="decode processes per Ray worker (0: decode in the worker)")
     log_sample_keys: bool = Field(False, description="write every step's sample keys beside the checkpoints")
+    autocast: Literal["auto", "bfloat16", "none"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, and on a CPU where a start-up probe finds bf16 faster")
     epochs: float = Field(4.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     lr: float = Field(5e-4, gt=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache_compute import autocast_dtype, cache_data_shard, cache_texts, load_trunk_tower
+from mpe.cache_compute import cache_data_shard, cache_texts, load_trunk_tower
 from mpe.config import CacheConfig, RayConfig, TextConfig
 from mpe.ray_cluster import ensure_ray
 
@@ -17,12 +17,12 @@ from mpe.ray_cluster import ensure_ray
 class ShardCacheActor:
     """Loads the trunk once; each call builds the cache shards of a batch of jobs."""
 
-    def __init__(self, text_json: str, base_dir: str, trust_remote_code: bool, autocast_mode: str,
+    def __init__(self, text_json: str, base_dir: str, trust_remote_code: bool, compute_dtype: str,
                  storage_dtype: str, batch_size: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         text = TextConfig.model_validate_json(text_json)
         self.tower = load_trunk_tower(Path(base_dir), text, trust_remote_code, self.device)
-        self.autocast = autocast_dtype(autocast_mode, self.device)
+        self.autocast = torch.bfloat16 if compute_dtype == "bfloat16" else None
         self.storage_dtype, self.batch_size = storage_dtype, batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -40,7 +40,7 @@ class ShardCacheActor:
 
 
 def build_with_ray(jobs: list[tuple[str, str]], base_dir: Path, text: TextConfig, trust_remote_code: bool,
-                   cfg: CacheConfig, ray_cfg: RayConfig, progress=None) -> int:
+                   cfg: CacheConfig, ray_cfg: RayConfig, compute_dtype: str, progress=None) -> int:
     """Run ``(source, out URL)`` jobs on Ray Data actors (``source``: a data shard URL, or ``texts:`` and a
     JSON list); returns how many texts were computed."""
     import ray
@@ -51,7 +51,7 @@ def build_with_ray(jobs: list[tuple[str, str]], base_dir: Path, text: TextConfig
     ds = ray.data.from_items([{"source": s, "out": o} for s, o in jobs]).map_batches(
         ShardCacheActor, fn_constructor_kwargs={
             "text_json": text.model_dump_json(), "base_dir": str(base_dir), "trust_remote_code": trust_remote_code,
-            "autocast_mode": cfg.autocast, "storage_dtype": cfg.dtype, "batch_size": cfg.batch_size},
+            "compute_dtype": compute_dtype, "storage_dtype": cfg.dtype, "batch_size": cfg.batch_size},
         batch_size=1, concurrency=cfg.ray_actors, num_gpus=cfg.gpus_per_actor or None, batch_format="numpy")
     total = 0
     for row in ds.iter_rows():

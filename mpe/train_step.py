@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from mpe.losses import Dist
 from mpe.objective import model_loss, text_from_cache
@@ -53,13 +54,19 @@ def train_step(model, batch: Batch, optimizer, scheduler, trainable: list, grad_
     """
     device_type = batch.pixels.device.type
     with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-        terms = model_loss(model, batch.pixels, batch.text(model), dist)
+        with record_function("mpe.text_top"):
+            text = batch.text(model)
+        with record_function("mpe.vision_and_loss"):
+            terms = model_loss(model, batch.pixels, text, dist)
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
-    allreduce_mean_(trainable)
-    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    optimizer.step()
-    scheduler.step()
+    with record_function("mpe.backward"):
+        terms.total.backward()
+    with record_function("mpe.allreduce_and_clip"):
+        allreduce_mean_(trainable)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    with record_function("mpe.optimizer"):
+        optimizer.step()
+        scheduler.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, math.log(model.cfg.loss.max_logit_scale))
     return {"loss": terms.total.item(), "contrastive": terms.contrastive.item(),

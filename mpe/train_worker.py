@@ -24,6 +24,7 @@ from mpe.data.train_stream import StreamSpec, TrainLoader
 from mpe.losses import Dist
 from mpe.model import MultiPromptCLIP
 from mpe.optim import build_optimizer, build_scheduler
+from mpe.precision import autocast_dtype, dtype_name
 from mpe.ray_cluster import ensure_ray, torch_config
 from mpe.tracking import end_run, log_metrics, start_run
 from mpe.tracking_settings import TrackingSettings
@@ -162,7 +163,8 @@ def train_loop_per_worker(config: dict) -> None:
     loader = TrainLoader(spec, resume=(state.get("data") or {}).get(str(rank)), step=state["step"])
     keys_log = Path(job.fail_marker).parent / "sample_keys" / f"rank{rank}.jsonl" if tcfg.log_sample_keys else None
     dist = Dist(rank, world)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(tcfg.autocast, device.type)
+    state["compute_dtype"] = dtype_name(autocast)
     while state["step"] < job.total_steps:
         _inject_failure(tcfg, state["step"], rank, world, Path(job.fail_marker))
         t0 = time.perf_counter()

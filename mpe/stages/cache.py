@@ -13,12 +13,13 @@ from tqdm import tqdm
 
 from mpe import storage
 from mpe.atomic import write_json
-from mpe.cache_compute import (autocast_dtype, cache_data_shard, cache_fields, cache_texts, compute_dtype_name,
-                               data_shard_identity, estimate_bytes, is_current, load_trunk_tower, trunk_info)
+from mpe.cache_compute import (cache_data_shard, cache_fields, cache_texts, data_shard_identity, estimate_bytes,
+                               is_current, load_trunk_tower, trunk_info)
 from mpe.cache_store import STORAGE, CacheFolder
 from mpe.config import Params
 from mpe.data.evaluation_sets import evaluation_texts
 from mpe.errors import StageInputError
+from mpe.precision import autocast_dtype, dtype_name
 from mpe.ray_cache_engine import build_with_ray
 
 
@@ -43,9 +44,11 @@ def run(params: Params) -> dict:
     data_root = params.data.out_dir
     text, trust = params.model.text, params.base_model.trust_remote_code
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    autocast = autocast_dtype(cfg.autocast, device)
+    # the precision is decided here, once, and enters the key; Ray actors are told, not left to probe
+    where = "cuda" if cfg.engine == "ray" and cfg.gpus_per_actor > 0 else device
+    autocast = autocast_dtype(cfg.autocast, where)
     info = trunk_info(base_dir, text, trust)
-    folder = CacheFolder(cfg.root, cache_fields(base_dir, text, cfg.dtype, trust, compute_dtype_name(autocast), info))
+    folder = CacheFolder(cfg.root, cache_fields(base_dir, text, cfg.dtype, trust, dtype_name(autocast), info))
     folder.ensure()
     data_shards = storage.list_files(storage.join(data_root, "shards", "train"), ".tar")
     if not data_shards:
@@ -63,7 +66,7 @@ def run(params: Params) -> dict:
     bar = tqdm(desc="cache trunk states", unit="text")
     if cfg.engine == "ray":
         ray_jobs = jobs + [("texts:" + json.dumps(t), o) for t, o in texts_job]
-        computed = build_with_ray(ray_jobs, base_dir, text, trust, cfg, params.ray, bar.update)
+        computed = build_with_ray(ray_jobs, base_dir, text, trust, cfg, params.ray, dtype_name(autocast), bar.update)
     else:
         tower = load_trunk_tower(base_dir, text, trust, device)
         computed = 0

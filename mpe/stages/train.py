@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +40,17 @@ def _data_wait_share(history: list[dict], skip_first: bool) -> float | None:
     return sum(r.get("data_wait_s", 0.0) for r in rows) / total if total else None
 
 
+def _timing(clock: list[tuple[str, float]], history: list[dict]) -> dict:
+    """Seconds per phase of the stage, the steps' own time (this run's steps, rank 0) and the rest."""
+    out = {name: round(t - clock[i][1], 2) for i, (name, t) in enumerate(clock[1:])}
+    out["total"] = round(clock[-1][1] - clock[0][1], 2)
+    out["steps"] = round(sum(r.get("step_s", 0.0) for r in history), 2)
+    out["outside_steps"] = round(out["total"] - out["steps"], 2)
+    return out
+
+
 def run(params: Params) -> dict:
+    clock = [("start", time.perf_counter())]
     tcfg = params.train
     base_dir = Path(params.base_model.out_dir).resolve()
     data_root = storage.absolute(params.data.out_dir)
@@ -68,7 +79,9 @@ def run(params: Params) -> dict:
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
                    tracking=asdict(settings), logged_params=logged, run_tags=dict(params.mlflow.tags), run_name=run_name,
                    fail_marker=str(ray_storage / run_name / ".injected_failure"))
+    clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
+    clock.append(("ray_train", time.perf_counter()))
 
     model = build_model(job)
     load_trainable(model, weights)
@@ -77,6 +90,7 @@ def run(params: Params) -> dict:
         model.text.lm.to(torch.bfloat16)  # the trunk came from a checkpoint of that precision
     out_dir = Path(tcfg.out_dir)
     model.save_pretrained(out_dir)
+    clock.append(("export", time.perf_counter()))
 
     metrics_dir = Path(params.evaluate.out_dir)
     write_json(metrics_dir / "train_history.json", state["history"], indent=None)
@@ -85,9 +99,11 @@ def run(params: Params) -> dict:
                "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
                "data_wait_share": _data_wait_share(state["history"], False),
                "data_wait_share_after_first_step": _data_wait_share(state["history"], True),
-               "skipped_samples": state.get("skipped_samples", {}),
+               "skipped_samples": state.get("skipped_samples", {}), "compute_dtype": state.get("compute_dtype"),
                "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
         summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)
+    clock.append(("log_model", time.perf_counter()))
+    summary["seconds"] = _timing(clock, state["history"])
     write_json(metrics_dir / "train.json", summary)
     return summary
