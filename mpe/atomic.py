@@ -27,16 +27,29 @@ def _chmod_like_open(path: Path) -> None:
 
 
 @contextmanager
+def _named(target: Path):
+    """OS errors about our temporary files name the target the user asked for instead."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename and Path(err.filename).name.startswith(f".{target.name}."):
+            raise type(err)(err.errno, err.strerror, str(target)) from None
+        raise
+
+
+@contextmanager
 def atomic_path(target: str | Path, suffix: str = ""):
     """Yield a temp path next to ``target``; on success rename it to ``target``, else delete it."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
-    os.close(fd)
+    with _named(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+        os.close(fd)
     try:
-        yield Path(tmp)
-        _chmod_like_open(Path(tmp))
-        os.replace(tmp, target)
+        with _named(target):
+            yield Path(tmp)
+            _chmod_like_open(Path(tmp))
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -55,17 +68,19 @@ def write_json(target: str | Path, obj, indent: int | None = 1) -> None:
 def atomic_dir(final: str | Path):
     """Yield a temp sibling folder that replaces ``final`` when the block succeeds (deleted otherwise)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    with _named(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        yield tmp
-        _chmod_like_open(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        with _named(final):
+            yield tmp
+            _chmod_like_open(tmp)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

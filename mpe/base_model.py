@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from mpe.atomic import atomic_dir
+from mpe.storage import mpe_home
 from mpe.config import BaseModelConfig
 from mpe.errors import BaseModelError
 from mpe.hashing import checkpoint_sha256
@@ -29,10 +29,6 @@ BUNDLED = {
                      "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }
 INFO_FILE = "mpe_base.json"
-
-
-def mpe_home() -> Path:
-    return Path(os.environ.get("MPE_HOME", Path.home() / ".cache" / "mpe"))
 
 
 def bundled_gguf(name: str) -> Path:

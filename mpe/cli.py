@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mpe.config import Params, load_params
-from mpe.errors import ConfigError, MpeError
+from mpe.errors import ConfigError, Interrupted
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -51,13 +51,17 @@ def cmd_embed(args) -> None:
     from mpe.embed import embed_image_files, embed_texts, list_images, read_text_file, save_npy
     from mpe.model import MultiPromptCLIP
 
-    model = MultiPromptCLIP.from_pretrained(args.model)
+    blank = []
     if args.text_file:
-        arr = embed_texts(model, read_text_file(args.text_file), args.batch_size)
+        texts, blank = read_text_file(args.text_file)
     else:
-        arr = embed_image_files(model, list_images(args.image_dir), args.batch_size)
+        images = list_images(args.image_dir)
+    model = MultiPromptCLIP.from_pretrained(args.model)
+    arr = embed_texts(model, texts, args.batch_size) if args.text_file else \
+        embed_image_files(model, images, args.batch_size)
     save_npy(args.out, arr)
-    print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}")
+    skipped = f"; skipped {len(blank)} blank lines ({', '.join(map(str, blank[:10]))})" if blank else ""
+    print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}{skipped}")
 
 
 def cmd_data(args) -> None:
@@ -196,6 +200,7 @@ def cmd_schedule(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpe", description=__doc__)
     p.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
@@ -253,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mpe.errors import user_message
     from mpe.ray_cluster import prefer_loopback
     from mpe.telemetry import disable_telemetry
 
@@ -262,9 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.params or DEFAULT_PARAMS).exists():
             prefer_loopback(_params(args).ray)  # before anything imports ray
         args.func(args)
-    except (MpeError, ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"mpe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mpe {args.command}: interrupted; finished work is kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = user_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"mpe {args.command}: error: {message}" + ("" if "\n" in message else " (--debug shows the traceback)"),
+              file=sys.stderr)
+        return 130 if isinstance(err, Interrupted) else 2
     return 0
 
 

@@ -148,6 +148,7 @@ class DataConfig(_Strict):
     url_list: str | None = Field(None, description="parquet or csv with a URL and a caption column")
     url_col: str = "URL"
     caption_col: str = "TEXT"
+    encoding: str = Field("utf-8", description="text encoding of a CSV/TSV URL list")
     test_fraction: float = Field(0.02, gt=0, lt=1, description="url_list only: rows kept for evaluation")
     out_dir: str = "data"
     image_size: int = Field(64, ge=8)

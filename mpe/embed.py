@@ -14,13 +14,25 @@ from mpe.atomic import atomic_path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """One caption per line (the trailing newline dropped); an empty file is an error."""
+def read_text_file(path: str | Path) -> tuple[list[str], list[int]]:
+    """The captions of a UTF-8 file, one per line, and the (1-based) numbers of the blank lines skipped.
+    Undecodable bytes and a file without any caption are errors naming the file (and line)."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        raise ValueError(f"{path}: no lines to embed")
-    return lines
+    texts, blank = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: line {n} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                                 "re-encode the file as UTF-8") from None
+            if line.strip():
+                texts.append(line)
+            else:
+                blank.append(n)
+    if not texts:
+        raise ValueError(f"{path}: no caption to embed (every line is blank)")
+    return texts, blank
 
 
 def list_images(folder: str | Path) -> list[Path]:

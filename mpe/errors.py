@@ -27,3 +27,32 @@ class CacheMismatch(MpeError):
 
 class StageInputError(MpeError):
     """A stage's input is missing or stale (e.g. train before cache); the message names the stage to run."""
+
+
+class Interrupted(MpeError):
+    """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
+
+
+def user_message(err: BaseException) -> str | None:
+    """One line for an error a user can act on, or None for a bug (which keeps its traceback)."""
+    import errno
+
+    name = type(err).__name__
+    if isinstance(err, MpeError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = err.filename or "a file"
+        return f"{where}: no space left on the device; free some space and rerun (finished work is kept)"
+    if isinstance(err, PermissionError):
+        return f"{err.filename or err}: permission denied; make it (and its folder) writable, or point the params elsewhere"
+    if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return f"{err.filename}: {err.strerror.lower()}" if err.filename else str(err)
+    if name == "SafetensorError":
+        return f"a safetensors file is unreadable (truncated or corrupt): {err}"
+    if name in ("WorkerGroupError", "TrainingFailedError") or name.endswith("WorkerGroupError"):
+        inner = [line for line in str(err).splitlines() if line.strip()]
+        mpe_lines = [line for line in inner if line.startswith("mpe.")]
+        return "training failed on a worker: " + (mpe_lines[-1] if mpe_lines else inner[-1] if inner else name)
+    if isinstance(err, (ValueError, UnicodeDecodeError)):
+        return str(err)
+    return None

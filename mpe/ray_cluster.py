@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpe.storage import mpe_home
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -57,6 +59,7 @@ def ensure_ray(cfg) -> None:
         ray.init(address=cfg.address, log_to_driver=True)
         return
     old_home = os.environ.get("HOME")
+    os.environ.setdefault("MPE_HOME", str(mpe_home()))  # what the user's HOME says, for Ray's processes too
     os.environ["HOME"] = str(_local_ray_home())  # inherited by the processes ray.init starts
     try:
         # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns

@@ -18,6 +18,11 @@ from fsspec.core import url_to_fs
 from mpe.atomic import atomic_path
 
 
+def mpe_home() -> Path:
+    """Where mpe keeps machine-wide files (the converted bundled model): ``$MPE_HOME``, default ``~/.cache/mpe``."""
+    return Path(os.environ.get("MPE_HOME", Path.home() / ".cache" / "mpe"))
+
+
 def is_local(url: str | Path) -> bool:
     fs, _ = url_to_fs(str(url))
     return isinstance(fs, fsspec.implementations.local.LocalFileSystem)

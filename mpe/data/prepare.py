@@ -103,7 +103,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
 
 def split_url_list(cfg: DataConfig, seed: int, out: Path) -> tuple[dict[str, Path], dict]:
     """A user URL list split into train and test (``test_fraction`` of the rows)."""
-    df, report = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col)
+    df, report = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col, cfg.encoding)
     order = list(range(len(df)))
     random.Random(seed).shuffle(order)
     n_test = max(1, int(round(cfg.test_fraction * len(df))))

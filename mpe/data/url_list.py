@@ -9,11 +9,41 @@ import pandas as pd
 from mpe.errors import DataError
 
 
-def read_url_list(path: str | Path, url_col: str, caption_col: str) -> tuple[pd.DataFrame, dict]:
+def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, str]:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as err:
+                return n, str(err)
+    return 0, ""
+
+
+def _text_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """A column as strings; bytes values (a binary parquet column) are decoded as UTF-8, and the first row
+    that does not decode is named."""
+    values = df[col]
+    if values.map(lambda v: isinstance(v, (bytes, bytearray))).any():
+        decoded = []
+        for i, v in enumerate(values):
+            if isinstance(v, (bytes, bytearray)):
+                try:
+                    v = bytes(v).decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}: column '{col}', row {i}: not UTF-8 text ({err.reason} at byte "
+                                    f"{err.start}); re-encode the column as UTF-8 strings") from None
+            decoded.append(v)
+        values = pd.Series(decoded, index=df.index, dtype="object")
+    return values.astype("string").fillna("").str.strip()
+
+
+def read_url_list(path: str | Path, url_col: str, caption_col: str,
+                  encoding: str = "utf-8") -> tuple[pd.DataFrame, dict]:
     """Read a URL list, check its columns, drop (and count) rows without a URL or caption.
 
     Returns the clean frame (columns renamed to ``URL``/``TEXT``, other columns kept) and a report
-    ``{"rows", "kept", "empty_url", "empty_caption", "empty_caption_rows"}``.
+    ``{"rows", "kept", "empty_url", "empty_caption", "empty_caption_rows"}``. A CSV/TSV is read in
+    ``encoding``; text that does not decode is an error naming the file, line or column and row.
     """
     path = Path(path)
     if not path.exists():
@@ -21,15 +51,21 @@ def read_url_list(path: str | Path, url_col: str, caption_col: str) -> tuple[pd.
     if path.suffix == ".parquet":
         df = pd.read_parquet(path)
     elif path.suffix in (".csv", ".tsv"):
-        df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False)
+        try:
+            df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False,
+                             encoding=encoding)
+        except UnicodeDecodeError:
+            line, why = _first_undecodable_line(path, encoding)
+            raise DataError(f"{path}: line {line} is not {encoding} text ({why}); set data.encoding in "
+                            "params.yaml (e.g. latin-1) or re-encode the file") from None
     else:
         raise DataError(f"{path}: expected a .parquet, .csv or .tsv URL list")
     for col, what in ((url_col, "url"), (caption_col, "caption")):
         if col not in df.columns:
             raise DataError(f"{path}: no {what} column '{col}' (columns: {', '.join(map(str, df.columns))}); "
                             f"set data.{what}_col in params.yaml")
-    urls = df[url_col].astype("string").fillna("").str.strip()
-    caps = df[caption_col].astype("string").fillna("").str.strip()
+    urls = _text_column(df, url_col, path)
+    caps = _text_column(df, caption_col, path)
     empty_url = urls == ""
     empty_cap = (caps == "") & ~empty_url
     report = {"rows": int(len(df)), "empty_url": int(empty_url.sum()), "empty_caption": int(empty_cap.sum()),

@@ -6,6 +6,7 @@ missing. The disk it will take is printed before anything is computed."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ def run(params: Params) -> dict:
 
     est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
     _announce(est, cfg.dtype, cfg.warn_gb)
+    started = time.perf_counter()
     bar = tqdm(desc="cache trunk states", unit="text")
     if cfg.engine == "ray":
         ray_jobs = jobs + [("texts:" + json.dumps(t), o) for t, o in texts_job]
@@ -78,7 +80,7 @@ def run(params: Params) -> dict:
     folder.write_active()
     summary = {"folder": folder.url, "key": folder.key, "compute_dtype": folder.fields["compute_dtype"],
                "storage_dtype": cfg.dtype, "data_shards": len(data_shards), "shards_computed": len(jobs),
-               "texts_computed": computed, "estimate": est}
+               "texts_computed": computed, "compute_seconds": round(time.perf_counter() - started, 2), "estimate": est}
     write_json(summary_file, summary)
     return summary
 

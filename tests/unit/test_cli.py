@@ -37,8 +37,9 @@ def test_model_init_then_embed_text_and_images(tiny_base, tmp_path, capsys):
     texts = tmp_path / "t.txt"
     texts.write_text("a red circle\n\na blue square\n")
     assert main(["embed", "--model", str(model), "--text-file", str(texts), "--out", str(tmp_path / "t.npy")]) == 0
+    assert "skipped 1 blank lines (2)" in capsys.readouterr().out
     t = np.load(tmp_path / "t.npy")
-    assert t.shape == (3, 48) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    assert t.shape == (2, 48) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(3):
