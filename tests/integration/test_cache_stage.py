@@ -47,21 +47,29 @@ def test_cache_shards_hold_exactly_the_trunk_states_of_their_samples(project):
         seen += len(keys)
         pick = list(range(0, len(keys), 9))[:6]
         caps = [by_key[keys[i]].caption for i in pick]
-        with torch.no_grad():
-            fresh = tower.trunk(tower.tokenize(caps))
+        bf16 = folder.fields["compute_dtype"] == "bfloat16"  # what the start-up probe chose on this machine
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fresh = tower.trunk(tower.tokenize(caps)).float()
         for j, i in enumerate(pick):
             u = int(r.sample_text[i])
             c = int(r.caption_lens[u])
-            # another batch composition (padding) moves fp32 results in the last bits, then fp16 rounds
-            assert torch.allclose(r.rows(u), fresh[j, -(c + seg):], rtol=2e-3, atol=2e-3)
+            got, want = r.rows(u), fresh[j, -(c + seg):]
+            if bf16:  # another batch composition (padding) moves bf16 results by a few units of its precision
+                assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.03
+            else:  # in fp32 only the last bits move, then float16 storage rounds
+                assert torch.allclose(got, want, rtol=2e-3, atol=2e-3)
     assert seen == len(samples)
     texts = TextStates(folder)
     evaluation = evaluation_texts(Path(params.data.out_dir))
     assert all(t in texts for t in evaluation) and len(texts) == len(set(evaluation))
     states, lens = texts.batch(evaluation[:3])
-    with torch.no_grad():  # the padded batch the top reads gives the readouts of the full pass
-        full = tower.readouts(tower.tokenize(evaluation[:3]))
-        assert (tower.top(states, tower.arrange(lens)) - full).abs().max() < 5e-2
+    batch = tower.tokenize(evaluation[:3])
+    with torch.no_grad():  # the padded batch the top reads gives the readouts of a fresh trunk pass
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fresh = tower.trunk(batch).float()
+        want = tower.top(fresh, batch)
+        got = tower.top(states, tower.arrange(lens))
+        assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < (0.03 if bf16 else 5e-3)
 
 
 def test_rerun_computes_nothing_and_the_estimate_came_first(project, capsys):
