@@ -20,11 +20,22 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from mpe.config import ScheduleConfig, load_params  # noqa: E402
 from mpe.dvc_runner import push, repro_stage, stage_names  # noqa: E402
+from mpe.errors import Interrupted  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
-# from its last checkpoint). Deterministic stages fail the same way twice.
+# from its last checkpoint). Deterministic stages fail the same way twice; a Ctrl-C is never retried.
 RETRIES = {"data": 2, "cache": 1, "train": 1}
+
+
+def _unless_interrupted(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Interrupted:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
@@ -53,7 +64,8 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
     params = load_params(Path(project_dir) / params_path)
     for stage in stage_names(Path(project_dir)):
-        dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5)(stage, project_dir)
+        dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5,
+                               retry_condition_fn=_unless_interrupted)(stage, project_dir)
     if params.dvc.push:
         dvc_push(project_dir, params.dvc.remote)
     return register(params_path, project_dir)

@@ -32,7 +32,7 @@ def _named(target: Path):
     try:
         yield
     except OSError as err:
-        if err.filename and Path(err.filename).name.startswith(f".{target.name}."):
+        if not err.filename or Path(err.filename).name.startswith(f".{target.name}."):
             raise type(err)(err.errno, err.strerror, str(target)) from None
         raise
 

@@ -129,9 +129,12 @@ def cmd_reweight(args) -> None:
 
 
 def cmd_experiments_run(args) -> None:
-    from flows.experiments import experiment_suite
+    from flows.local_server import prefect_server
 
-    print(experiment_suite(args.name, args.form, ".", args.only or None))
+    with prefect_server():
+        from flows.experiments import experiment_suite
+
+        print(experiment_suite(args.name, args.form, ".", args.only or None))
 
 
 def cmd_experiments_report(args) -> None:
@@ -175,11 +178,14 @@ def _project_params(args) -> Path:
 
 
 def cmd_run(args) -> None:
-    from flows.retrain import retrain
+    from flows.local_server import prefect_server
     from mpe.summary import run_summary
 
     path = _project_params(args)
-    retrain(params_path=str(path), project_dir=".")
+    with prefect_server():
+        from flows.retrain import retrain
+
+        retrain(params_path=str(path), project_dir=".")
     print(run_summary(load_params(path)))
 
 

@@ -159,6 +159,8 @@ class DataConfig(_Strict):
     timeout: int = Field(10, ge=1)
     retries: int = Field(0, ge=0)
     min_success_rate: float = Field(0.9, ge=0, le=1)
+    skip_corrupt_shards: bool = Field(False, description="leave out (and count) shards whose size differs from "
+                                                          "what the data stage recorded, instead of stopping")
     shapes: ShapesConfig = ShapesConfig()
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -13,7 +14,7 @@ from typing import Callable
 
 import yaml
 
-from mpe.errors import MpeError
+from mpe.errors import Interrupted, MpeError
 
 
 class DvcError(MpeError):
@@ -30,21 +31,46 @@ def stage_names(project: Path) -> list[str]:
     return list(stages)
 
 
+def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """Interrupt the command's whole process group (the stage and what it started), then make sure it ends."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> None:
     env = {**os.environ, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
     # mpe's own CLI must be the one in this environment, whatever PATH says
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # its own process group: a Ctrl-C reaches it through us, once, and we know it was one
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=project, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     tail: deque[str] = deque(maxlen=40)
     assert proc.stdout is not None
-    for chunk in proc.stdout:
-        for line in re.split(r"[\r\n]+", chunk):
-            if line.strip():
-                tail.append(line)
-                log(line)
-    if proc.wait() != 0:
-        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + "\n".join(tail))
+    try:
+        for chunk in proc.stdout:
+            for line in re.split(r"[\r\n]+", chunk):
+                if line.strip():
+                    tail.append(line)
+                    log(line)
+        proc.wait()
+    except KeyboardInterrupt:
+        _stop(proc)
+        raise Interrupted(f"interrupted `dvc {' '.join(args)}`; finished work is kept (checkpoints, cache shards) "
+                          "and the next run resumes it") from None
+    if proc.returncode != 0:
+        text = "\n".join(tail)
+        if "Unable to acquire lock" in text or "lock" in text.lower() and "acquire" in text.lower():
+            raise DvcError(f"{project}: another DVC command (or `mpe run`) holds the project's lock; wait for it "
+                           "to finish, or if none is running remove .dvc/tmp/rwlock and .dvc/tmp/lock")
+        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + text)
 
 
 def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:

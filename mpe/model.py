@@ -23,6 +23,7 @@ from torch import nn
 from mpe import __version__
 from mpe.atomic import atomic_dir
 from mpe.config import ModelConfig, validate
+from mpe.errors import ConfigError
 from mpe.text.apt_tokens import add_apt_tokens
 from mpe.text.lm_io import load_lm, save_plain_lm
 from mpe.text.tower import LLMTextTower, TextEmbedding
@@ -154,8 +155,13 @@ class MultiPromptCLIP(nn.Module):
         meta_file = path / CONFIG_FILE
         if not meta_file.exists():
             raise FileNotFoundError(f"{path} is not an mpe model folder: {CONFIG_FILE} is missing")
-        meta = json.loads(meta_file.read_text())
-        cfg = validate(ModelConfig, meta["model"], str(meta_file))
+        try:
+            meta = json.loads(meta_file.read_text())
+            model_cfg = meta["model"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{meta_file}: not an mpe model config ({type(err).__name__}: {err}); "
+                              "the folder is damaged: save or download the model again") from None
+        cfg = validate(ModelConfig, model_cfg, str(meta_file))
         if cfg.text.pooling == "vanilla_clip":
             from transformers import AutoTokenizer
 
@@ -166,7 +172,11 @@ class MultiPromptCLIP(nn.Module):
             text = LLMTextTower(lm, tok, cfg.text, cfg.embed_dim)
         model = cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim, load_pretrained=False),
                     meta.get("provenance"))
-        state = load_file(str(path / WEIGHTS_FILE))
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except Exception as err:  # SafetensorError: truncated or not safetensors
+            raise ConfigError(f"{path / WEIGHTS_FILE}: unreadable weights ({err}); the folder is damaged: "
+                              "save or download the model again") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("text.lm.")]
         if missing or unexpected:

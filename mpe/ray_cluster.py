@@ -11,6 +11,7 @@ the local cluster only:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import uuid
@@ -46,6 +47,59 @@ def _local_ray_home() -> Path:
     return home
 
 
+def local_temp_dir() -> str:
+    """Ray's folder for this project's local cluster: its processes carry it on their command line."""
+    tag = hashlib.sha256(str(Path.cwd().resolve()).encode()).hexdigest()[:8]
+    return str(Path(tempfile.gettempdir()) / f"mpe-ray-{os.getuid()}-{tag}")
+
+
+MARKER = "MPE_RAY_LOCAL_CLUSTER"
+
+
+def _processes(marker: str) -> dict[int, tuple[int, bool]]:
+    """``{pid: (parent pid, carries the marker)}`` of every process we can see; the marker is an environment
+    variable every process of our local cluster inherits (Ray renames its agents, so their command lines
+    do not say whose they are)."""
+    out = {}
+    needle = f"{MARKER}={marker}".encode() + b"\0"
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            try:
+                marked = needle in (d / "environ").read_bytes() + b"\0"
+            except OSError:
+                marked = False
+            out[int(d.name)] = (ppid, marked)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def stop_orphans(marker: str) -> int:
+    """Kill what is left of a local cluster whose driver was killed: processes of the cluster ``marker`` whose
+    parent is gone (reparented to init), with everything below them. A live run's processes keep their
+    driver as parent and are left alone. Returns how many were killed."""
+    import signal
+
+    procs = _processes(marker)
+    orphans = [pid for pid, (ppid, marked) in procs.items()
+               if marked and pid != os.getpid() and (ppid == 1 or ppid not in procs)]
+    doomed, todo = set(orphans), list(orphans)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _) in procs.items():
+            if ppid == parent and pid not in doomed:
+                doomed.add(pid)
+                todo.append(pid)
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(doomed)
+
+
 def ensure_ray(cfg) -> None:
     """``ray.init`` once: a local cluster on 127.0.0.1 (no dashboard UI, no usage stats, no cloud
     probes), or the cluster at ``ray.address`` (``auto``, ``ray://host:10001``)."""
@@ -61,11 +115,14 @@ def ensure_ray(cfg) -> None:
     old_home = os.environ.get("HOME")
     os.environ.setdefault("MPE_HOME", str(mpe_home()))  # what the user's HOME says, for Ray's processes too
     os.environ["HOME"] = str(_local_ray_home())  # inherited by the processes ray.init starts
+    temp_dir = local_temp_dir()
+    stop_orphans(temp_dir)
+    os.environ[MARKER] = temp_dir  # inherited by every process of the cluster: how a later run finds orphans
     try:
         # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns
         # about that every second; Ray's own logs are kept to errors on the local cluster.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True, configure_logging=False,
+                 log_to_driver=True, configure_logging=False, _temp_dir=temp_dir,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
     finally:
         if old_home is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mpe.checkpoint import load_trainable, read_checkpoint, save_checkpoint
+from mpe.checkpoint import CheckpointCorrupt, load_trainable, newest_intact, read_checkpoint, save_checkpoint
 from mpe.config import ModelConfig, RayConfig, TrainConfig
 from mpe.data.train_stream import StreamSpec, TrainLoader
 from mpe.losses import Dist
@@ -65,10 +65,13 @@ def build_model(job: TrainJob) -> MultiPromptCLIP:
 
 
 class _RankZeroTracking:
-    """MLflow from rank 0 only: the run is started once and resumed after a restart."""
+    """MLflow from rank 0 only: the run is started once and resumed after a restart. Per-step metrics are
+    logged when the checkpoint that covers them is written, so steps trained again after a restart are
+    never logged twice."""
 
     def __init__(self, job: TrainJob, rank: int, state: dict):
         self.active = rank == 0 and job.tracking is not None
+        self.pending: list[dict] = []
         if not self.active:
             return
         settings = TrackingSettings(**job.tracking)
@@ -79,7 +82,12 @@ class _RankZeroTracking:
 
     def log(self, row: dict, every: int) -> None:
         if self.active and row["step"] % every == 0:
+            self.pending.append(row)
+
+    def flush(self) -> None:
+        for row in self.pending:
             log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.pending = []
 
     def end(self) -> None:
         if self.active:
@@ -87,17 +95,27 @@ class _RankZeroTracking:
 
 
 def _restore(model, optimizer, scheduler) -> dict:
+    """The state to continue from: the latest checkpoint, or — when it is corrupt — the newest intact one
+    beside it (a local run folder), named in the log."""
     import ray.train
 
     state = {"step": 0, "history": [], "mlflow_run_id": None, "restored_from_step": None}
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
+    if not ckpt:
+        return state
+    try:
         with ckpt.as_directory() as d:
             weights, optim, state = read_checkpoint(Path(d))
-        load_trainable(model, weights)
-        optimizer.load_state_dict(optim["optimizer"])
-        scheduler.load_state_dict(optim["scheduler"])
-        state["restored_from_step"] = state["step"]
+    except CheckpointCorrupt as err:
+        fallback = newest_intact(Path(ckpt.path).parent, exclude=Path(ckpt.path)) if Path(ckpt.path).exists() else None
+        if fallback is None:
+            raise CheckpointCorrupt(f"{err}; no intact checkpoint to fall back to in {Path(ckpt.path).parent}") from None
+        print(f"mpe: {err}; resuming from {fallback[0].name} instead", flush=True)
+        weights, optim, state = fallback[1]
+    load_trainable(model, weights)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    state["restored_from_step"] = state["step"]
     return state
 
 
@@ -184,6 +202,9 @@ def train_loop_per_worker(config: dict) -> None:
         if row["step"] % tcfg.checkpoint_every == 0 or row["step"] == job.total_steps:
             state["data"], state["skipped_samples"] = _gather_data_states(loader, world)
             _report(row, model, optimizer, scheduler, state, rank)
+            tracking.flush()
+    if state["restored_from_step"] == job.total_steps:  # nothing was left: the final state says so
+        _report({"step": state["step"]}, model, optimizer, scheduler, state, rank)
     loader.close()
     tracking.end()
 

@@ -22,7 +22,7 @@ from mpe.data.canonical_shards import canonicalize_folder
 from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
 from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.url_list import read_url_list
-from mpe.data.stats import STATS_FILE, shard_stats
+from mpe.data.stats import STATS_FILE, shard_manifest, shard_stats
 from mpe.errors import DataError
 from mpe.hashing import file_sha256, fingerprint
 
@@ -143,10 +143,30 @@ def check_success(split: str, stats: dict, floor: float, folder: Path) -> None:
                         f"{by_status}. Per-row errors: {folder}/*.parquet (column error_message)")
 
 
+def repair_shards(folder: Path, manifest: dict[str, dict]) -> list[str]:
+    """Delete every shard of ``folder`` whose bytes are not those recorded (with its parquet and stats),
+    so img2dataset's incremental mode downloads it again; returns their names."""
+    bad = []
+    for name, info in manifest.items():
+        tar = folder / name
+        if tar.exists() and (tar.stat().st_size != info["size"] or file_sha256(tar) != info["sha256"]):
+            bad.append(name)
+            for sibling in (tar, tar.with_suffix(".parquet"), folder / f"{tar.stem}_stats.json"):
+                sibling.unlink(missing_ok=True)
+    return bad
+
+
 def prepare_data(cfg: DataConfig, seed: int) -> dict:
-    """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats."""
+    """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats.
+
+    ``stats.json`` is removed first and written last: while it is missing, later stages refuse the data,
+    so a failed run never leaves a mix of old and new splits in use. Shards whose bytes differ from the
+    last run's manifest are downloaded again.
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / STATS_FILE).read_text()) if (out / STATS_FILE).exists() else {}
+    (out / STATS_FILE).unlink(missing_ok=True)
     report = {}
     if cfg.source == "shapes":
         lists = write_shapes_world(cfg, seed, out)
@@ -156,18 +176,27 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
         extra = ["id"]
         for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
             write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
-    stats = {"source": cfg.source, "url_list_report": report, "splits": {}}
+    for stale in (out / "shards").glob("*") if (out / "shards").exists() else []:
+        if stale.is_dir() and stale.name not in lists:
+            shutil.rmtree(stale)  # a split this configuration does not have
+    stats = {"source": cfg.source, "url_list_report": report, "splits": {}, "repaired_shards": {}}
     for split, url_list in lists.items():
         folder = out / "shards" / split
-        fp = fingerprint({"cfg": cfg.model_dump(), "seed": seed, "list": file_sha256(url_list)})
+        # where the data lives and how many processes fetch it do not change what is fetched
+        what = cfg.model_dump(exclude={"out_dir", "processes", "threads", "distributor", "skip_corrupt_shards"})
+        fp = fingerprint({"cfg": what, "seed": seed, "list": file_sha256(url_list)})
         marker = folder / ".fingerprint"
         if folder.exists() and (not marker.exists() or marker.read_text() != fp):
             shutil.rmtree(folder)  # different inputs: never mix shards of two configurations
+        elif folder.exists():
+            repaired = repair_shards(folder, previous.get("splits", {}).get(split, {}).get("shards", {}))
+            if repaired:
+                stats["repaired_shards"][split] = repaired
         folder.mkdir(parents=True, exist_ok=True)
         write_text(marker, fp)
         s = download_split(url_list, folder, cfg, extra)
         check_success(split, s, cfg.min_success_rate, folder)
+        s["shards"] = shard_manifest(folder)
         stats["splits"][split] = s
     write_json(out / STATS_FILE, stats)
     return stats
-

@@ -19,6 +19,7 @@ from mpe.cache_compute import (cache_data_shard, cache_fields, cache_texts, data
 from mpe.cache_store import STORAGE, CacheFolder
 from mpe.config import Params
 from mpe.data.evaluation_sets import evaluation_texts
+from mpe.data.stats import verified_shards
 from mpe.errors import StageInputError
 from mpe.precision import autocast_dtype, dtype_name
 from mpe.ray_cache_engine import build_with_ray
@@ -51,7 +52,7 @@ def run(params: Params) -> dict:
     info = trunk_info(base_dir, text, trust)
     folder = CacheFolder(cfg.root, cache_fields(base_dir, text, cfg.dtype, trust, dtype_name(autocast), info))
     folder.ensure()
-    data_shards = storage.list_files(storage.join(data_root, "shards", "train"), ".tar")
+    data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)
     if not data_shards:
         raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
     jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
@@ -80,7 +81,7 @@ def run(params: Params) -> dict:
     folder.write_active()
     summary = {"folder": folder.url, "key": folder.key, "compute_dtype": folder.fields["compute_dtype"],
                "storage_dtype": cfg.dtype, "data_shards": len(data_shards), "shards_computed": len(jobs),
-               "texts_computed": computed, "compute_seconds": round(time.perf_counter() - started, 2), "estimate": est}
+               "texts_computed": computed, "skipped_corrupt_shards": corrupt, "compute_seconds": round(time.perf_counter() - started, 2), "estimate": est}
     write_json(summary_file, summary)
     return summary
 

@@ -13,6 +13,7 @@ from mpe.cache_compute import cache_fields
 from mpe.cache_store import TextStates, open_active
 from mpe.config import Params
 from mpe.data.loader import load_split
+from mpe.data.stats import verified_shards
 from mpe.evaluation import (TextEmbedder, analysis_metrics, chance_levels, evaluate_model, evaluate_split, flat_metrics,
                             prompt_patch_maps)
 from mpe.model import MultiPromptCLIP
@@ -28,6 +29,8 @@ def run(params: Params) -> dict:
     data_root = params.data.out_dir
     base_dir = Path(params.base_model.out_dir)
     metrics_dir, plots = Path(params.evaluate.out_dir), Path(params.evaluate.plots_dir)
+    for split in {"test", *params.evaluate.splits}:
+        verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     cache = None
     if params.cache.enabled and isinstance(trained.text, LLMTextTower):

@@ -16,7 +16,7 @@ from mpe.cache_compute import cache_fields, data_shard_identity, is_current
 from mpe.cache_store import CacheFolder, open_active
 from mpe.checkpoint import load_trainable
 from mpe.config import Params
-from mpe.data.stats import read_stats
+from mpe.data.stats import read_stats, verified_shards
 from mpe.errors import StageInputError
 from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
 from mpe.tracking import log_trained_model
@@ -54,7 +54,7 @@ def run(params: Params) -> dict:
     tcfg = params.train
     base_dir = Path(params.base_model.out_dir).resolve()
     data_root = storage.absolute(params.data.out_dir)
-    data_shards = storage.list_files(storage.join(data_root, "shards", "train"), ".tar")
+    data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)
     stats = read_stats(data_root)
     n_train = int(stats["splits"]["train"]["successes"])
     total = total_steps(tcfg, n_train)
@@ -99,7 +99,8 @@ def run(params: Params) -> dict:
                "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
                "data_wait_share": _data_wait_share(state["history"], False),
                "data_wait_share_after_first_step": _data_wait_share(state["history"], True),
-               "skipped_samples": state.get("skipped_samples", {}), "compute_dtype": state.get("compute_dtype"),
+               "skipped_samples": state.get("skipped_samples", {}), "skipped_corrupt_shards": corrupt,
+               "compute_dtype": state.get("compute_dtype"),
                "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
         summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)

@@ -6,15 +6,27 @@ from pathlib import Path
 
 import torch
 
+from mpe.errors import MpeError
+
+
+class LMFolderError(MpeError):
+    """A decoder checkpoint folder that cannot be loaded; the message names it."""
+
 
 def load_lm(path: str | Path, attn_implementation: str = "sdpa", dtype=torch.float32,
             trust_remote_code: bool = False):
     """Load ``(lm, tokenizer)`` from a checkpoint folder, in ``dtype`` for compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                              trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers and safetensors raise several types for a damaged folder
+        if type(err).__name__ == "SafetensorError" or "safetensors" in str(err).lower():
+            raise LMFolderError(f"{path}: the checkpoint's weights are unreadable (truncated or corrupt: {err}); "
+                                "prepare or download it again") from None
+        raise
     lm.eval()
     return lm, tokenizer
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,39 +18,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project_config import small_params
+from tests.e2e.project import BIN, free_port as _free_port, git, make_project, pipeline_params, run
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-COPY = ["mpe", "flows", "dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd, cwd, env, timeout=600):
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    return run(cmd, cwd, env, timeout)
 
 
 def _git(cwd, *args):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    git(cwd, *args)
 
 
 def _params(base: Path, **train) -> dict:
-    p = small_params(Path(""), base, train={"max_steps": 30, "lr": 2e-3, **train})
-    p["register"] = {"model_name": "mpe-e2e", "margin": 0.0}
-    p["dvc"] = {"remote": "localremote"}
-    # every key written out: DVC checks the keys dvc.yaml names exist in params.yaml
-    from mpe.config import Params
-
-    return Params.model_validate(p).model_dump(mode="json", by_alias=True)
+    return pipeline_params(base, **train)
 
 
 @pytest.fixture(scope="module")
@@ -95,23 +75,8 @@ def prefect_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_base_dir, prefect_env):
-    proj = tmp_path_factory.mktemp("e2e") / "proj"
-    proj.mkdir()
-    for item in COPY:
-        src, dst = REPO / item, proj / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    remote = proj.parent / "dvc-remote"
-    cfg = (proj / ".dvc" / "config").read_text().replace("~/.cache/mpe/dvc-remote", str(remote))
-    (proj / ".dvc" / "config").write_text(cfg)
-    (proj / "params.yaml").write_text(yaml.safe_dump(_params(tiny_base_dir, lr=1e-9, max_steps=4)))  # A: weak
-    _git(proj, "init", "-q")
-    _git(proj, "add", "-A")
-    _git(proj, "commit", "-qm", "project")
-    return proj, remote
+    root = tmp_path_factory.mktemp("e2e")
+    return make_project(root / "proj", _params(tiny_base_dir, lr=1e-9, max_steps=4))  # A: weak
 
 
 def _flow_run_state(flow_run_id: str) -> str:

@@ -1,0 +1,72 @@
+"""A small pipeline project on disk for the end-to-end tests: the repository's code and pipeline files,
+a params file for the tiny base model, a local DVC remote, and a git repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.project_config import small_params
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+COPY = ["mpe", "flows", "dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, cwd, env, timeout=600) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def git(cwd, *args) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def pipeline_params(base: Path, model_name: str = "mpe-e2e", **train) -> dict:
+    """Every key written out: DVC checks that the keys dvc.yaml names exist in params.yaml."""
+    from mpe.config import Params
+
+    p = small_params(Path(""), base, train={"max_steps": 30, "lr": 2e-3, **train})
+    p["register"] = {"model_name": model_name, "margin": 0.0}
+    p["dvc"] = {"remote": "localremote"}
+    return Params.model_validate(p).model_dump(mode="json", by_alias=True)
+
+
+def make_project(proj: Path, params: dict) -> tuple[Path, Path]:
+    """The project folder (code, pipeline files, params, a git commit) and its DVC remote folder."""
+    proj.mkdir(parents=True)
+    for item in COPY:
+        src, dst = REPO / item, proj / item
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    remote = proj.parent / f"{proj.name}-dvc-remote"
+    cfg = (proj / ".dvc" / "config").read_text().replace("~/.cache/mpe/dvc-remote", str(remote))
+    (proj / ".dvc" / "config").write_text(cfg)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    git(proj, "init", "-q")
+    git(proj, "add", "-A")
+    git(proj, "commit", "-qm", "project")
+    return proj, remote
+
+
+def project_env(proj: Path, **extra) -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(proj / ".prefect"),
+           **extra}
+    return env
