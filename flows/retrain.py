@@ -21,6 +21,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from mpe.config import ScheduleConfig, load_params  # noqa: E402
 from mpe.dvc_runner import push, repro_stage, stage_names  # noqa: E402
 from mpe.errors import Interrupted  # noqa: E402
+from mpe.run_record import record_run  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
@@ -48,10 +49,24 @@ def dvc_push(project_dir: str, remote: str) -> None:
     push(Path(project_dir), remote, get_run_logger().info)
 
 
+@task(name="record-run")
+def record(project_dir: str) -> dict | None:
+    """The run's lock and params, committed on the branch mpe/runs (none outside git: artifacts only)."""
+    rec = record_run(Path(project_dir), str(flow_run.id) if flow_run.id else "local")
+    if rec is None:
+        get_run_logger().info("%s is not a git repository: the run's dvc.lock and params are kept as MLflow "
+                              "artifacts only", project_dir)
+    else:
+        get_run_logger().info("recorded this run's dvc.lock and params as %s on branch %s", rec["commit"][:12],
+                              rec["ref"])
+    return rec
+
+
 @task(name="register")
-def register(params_path: str, project_dir: str) -> dict:
+def register(params_path: str, project_dir: str, rec: dict | None) -> dict:
     params = load_params(Path(project_dir) / params_path)
-    result = register_stage.run(params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None)
+    result = register_stage.run(params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None,
+                                record=rec)
     get_run_logger().info("registered %s version %s as @%s: %s", result["model_name"], result["version"],
                           result["alias"], result["reason"])
     return result
@@ -59,7 +74,8 @@ def register(params_path: str, project_dir: str) -> dict:
 
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
-    """The stages of dvc.yaml (each rerun only if its deps changed), then push and register."""
+    """The stages of dvc.yaml (each rerun only if its deps changed), push, record the run's lock on the
+    branch mpe/runs, and register."""
     project_dir = str(Path(project_dir).resolve())
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
     params = load_params(Path(project_dir) / params_path)
@@ -68,7 +84,7 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
                                retry_condition_fn=_unless_interrupted)(stage, project_dir)
     if params.dvc.push:
         dvc_push(project_dir, params.dvc.remote)
-    return register(params_path, project_dir)
+    return register(params_path, project_dir, record(project_dir))
 
 
 def ensure_work_pool(name: str = "local-process") -> None:

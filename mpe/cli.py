@@ -122,6 +122,21 @@ def cmd_compare(args) -> None:
     print(write_comparison(tracking_settings(_params(args).mlflow), Path(args.out), args.last), end="")
 
 
+def cmd_reproduce(args) -> None:
+    from mpe.reproduce import reproduce
+    from mpe.tracking_settings import TrackingSettings, tracking_settings
+
+    params = _params(args, required=False)
+    settings = tracking_settings(params.mlflow)
+    if args.tracking_uri:
+        settings = TrackingSettings(args.tracking_uri, settings.artifact_location, settings.experiment)
+    if not args.version and not args.alias:
+        raise ConfigError("mpe reproduce: name the version (--version N) or the alias (--alias champion)")
+    result = reproduce(Path("."), settings, args.model or params.registry.model_name, args.version, args.alias,
+                       args.only == "model")
+    _print_json(result)
+
+
 def cmd_reweight(args) -> None:
     from mpe.stages import reweight
 
@@ -245,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--suite", help="an experiment suite's cells (mean ± std over seeds, from MLflow)")
     cmp_.add_argument("--form", default="quick")
     cmp_.set_defaults(func=cmd_compare)
+    rp = sub.add_parser("reproduce", help="restore a registered version's lock, params and outputs (dvc pull)")
+    rp.add_argument("--model", help="registered model name (default: params register.model_name)")
+    which = rp.add_mutually_exclusive_group()
+    which.add_argument("--version")
+    which.add_argument("--alias")
+    rp.add_argument("--only", choices=["model"], help="pull the trained model alone (what a serving host needs)")
+    rp.add_argument("--tracking-uri", help="the tracking store the model is registered in (default: params)")
+    rp.set_defaults(func=cmd_reproduce)
     rw = sub.add_parser("reweight", help="aspect weights chosen on the validation split, test gain")
     rw.add_argument("--model", help="model folder (default: train.out_dir)")
     rw.set_defaults(func=cmd_reweight)

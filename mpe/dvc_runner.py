@@ -82,8 +82,26 @@ def push(project: Path, remote: str | None = None, log: Callable[[str], None] = 
     _dvc(["push"] + (["--remote", remote] if remote else []), project, log)
 
 
-def pull(project: Path, log: Callable[[str], None] = print) -> None:
-    _dvc(["pull"], project, log)
+def pull(project: Path, targets: list[str] = (), remote: str | None = None,
+         log: Callable[[str], None] = print) -> None:
+    _dvc(["pull", *(["--remote", remote] if remote else []), *targets], project, log)
+
+
+def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
+    """The outputs (of ``targets``' stages, or all) whose workspace bytes differ from ``dvc.lock``; changed
+    code or params deps are not counted: they say the pipeline would run again, not that outputs differ."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *targets], cwd=project,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise DvcError(f"`dvc status` failed in {project}: {out.stderr.strip()[-2000:]}")
+    changed = []
+    for entries in (json.loads(out.stdout or "{}") or {}).values():
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and "changed outs" in entry:
+                changed += [f"{path} ({what})" for path, what in entry["changed outs"].items()]
+    return changed
 
 
 def status_clean(project: Path) -> tuple[bool, str]:

@@ -48,7 +48,7 @@ class TrainJob:
     logged_params: dict
     run_tags: dict
     run_name: str
-    fail_marker: str
+    run_dir: str  # the Ray run folder (storage_path/run_name) when it is local
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -94,24 +94,33 @@ class _RankZeroTracking:
             end_run()
 
 
-def _restore(model, optimizer, scheduler) -> dict:
-    """The state to continue from: the latest checkpoint, or — when it is corrupt — the newest intact one
-    beside it (a local run folder), named in the log."""
+def _restore(model, optimizer, scheduler, run_dir: Path) -> dict:
+    """The state to continue from: the newest intact checkpoint of the run. That is Ray's latest one
+    unless it is corrupt, or a newer one exists on disk that Ray never registered (the driver was
+    killed between a worker writing it and the controller recording it); either is named in the log."""
     import ray.train
 
     state = {"step": 0, "history": [], "mlflow_run_id": None, "restored_from_step": None}
     ckpt = ray.train.get_checkpoint()
-    if not ckpt:
+    restored = None
+    if ckpt:
+        try:
+            with ckpt.as_directory() as d:
+                restored = read_checkpoint(Path(d))
+        except CheckpointCorrupt as err:
+            if not Path(ckpt.path).exists():
+                raise
+            print(f"mpe: {err}", flush=True)
+    # The run folder is named by the run's fingerprint, so anything in it belongs to this very run.
+    on_disk = newest_intact(run_dir) if run_dir.is_dir() else None
+    if on_disk is not None and (restored is None or on_disk[1][2]["step"] > restored[2]["step"]):
+        print(f"mpe: resuming from {on_disk[0].name} (step {on_disk[1][2]['step']})", flush=True)
+        restored = on_disk[1]
+    if restored is None:
+        if ckpt:
+            raise CheckpointCorrupt(f"no intact checkpoint to resume from in {run_dir}")
         return state
-    try:
-        with ckpt.as_directory() as d:
-            weights, optim, state = read_checkpoint(Path(d))
-    except CheckpointCorrupt as err:
-        fallback = newest_intact(Path(ckpt.path).parent, exclude=Path(ckpt.path)) if Path(ckpt.path).exists() else None
-        if fallback is None:
-            raise CheckpointCorrupt(f"{err}; no intact checkpoint to fall back to in {Path(ckpt.path).parent}") from None
-        print(f"mpe: {err}; resuming from {fallback[0].name} instead", flush=True)
-        weights, optim, state = fallback[1]
+    weights, optim, state = restored
     load_trainable(model, weights)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
@@ -175,16 +184,16 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.warmup_steps, job.total_steps)
-    state = _restore(model, optimizer, scheduler)
+    state = _restore(model, optimizer, scheduler, Path(job.run_dir))
     tracking = _RankZeroTracking(job, rank, state)
     spec = StreamSpec(**{**job.stream, "rank": rank, "world": world})
     loader = TrainLoader(spec, resume=(state.get("data") or {}).get(str(rank)), step=state["step"])
-    keys_log = Path(job.fail_marker).parent / "sample_keys" / f"rank{rank}.jsonl" if tcfg.log_sample_keys else None
+    keys_log = Path(job.run_dir) / "sample_keys" / f"rank{rank}.jsonl" if tcfg.log_sample_keys else None
     dist = Dist(rank, world)
     autocast = autocast_dtype(tcfg.autocast, device.type)
     state["compute_dtype"] = dtype_name(autocast)
     while state["step"] < job.total_steps:
-        _inject_failure(tcfg, state["step"], rank, world, Path(job.fail_marker))
+        _inject_failure(tcfg, state["step"], rank, world, Path(job.run_dir) / ".injected_failure")
         t0 = time.perf_counter()
         b = next(loader)
         waited = time.perf_counter() - t0

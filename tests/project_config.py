@@ -33,3 +33,11 @@ def write_params(root: Path, data: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def has_intact_checkpoint(ray_results: Path) -> bool:
+    """Whether some run under ``ray_results`` holds a checkpoint that reads back whole (a test that kills
+    the run as soon as a checkpoint folder appears would otherwise race its writing)."""
+    from mpe.checkpoint import newest_intact
+
+    return ray_results.is_dir() and any(newest_intact(d) for d in ray_results.glob("*") if d.is_dir())

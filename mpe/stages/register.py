@@ -15,11 +15,15 @@ from mpe.hashing import checkpoint_sha256
 from mpe.lineage import lineage_tags
 from mpe.model import MultiPromptCLIP
 from mpe.registry import register_and_gate
-from mpe.tracking import download_model_folder
+from mpe.run_record import recorded_files
+from mpe.tracking import download_model_folder, log_to_run
 from mpe.tracking_settings import tracking_settings
 
 
-def run(params: Params, project: Path = Path("."), flow_run_id: str | None = None) -> dict:
+def run(params: Params, project: Path = Path("."), flow_run_id: str | None = None, record: dict | None = None) -> dict:
+    """Register the trained model. ``record`` is the run's outputs commit (``mpe.run_record``): its branch
+    and commit become tags, and the lock, params and pipeline files go to the training run as artifacts
+    (the record a project without git has)."""
     metrics_dir = Path(params.evaluate.out_dir)
     data_root = params.data.out_dir
     train = json.loads((metrics_dir / "train.json").read_text())
@@ -39,7 +43,18 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
         base_model=params.base_model.name + (f"@{params.base_model.revision}" if params.base_model.revision else ""),
         base_model_sha256=checkpoint_sha256(base_dir) if base_dir.exists() else "",
         test_shards=storage.join(data_root, "shards", "test"), train_info=train, flow_run_id=flow_run_id)
-    result = register_and_gate(tracking_settings(params.mlflow), params.registry, train["model_uri"],
+    lineage.update({"mpe.run_ref": (record or {}).get("ref", ""), "mpe.run_commit": (record or {}).get("commit", ""),
+                    "mpe.lineage": "git+artifacts" if record else "artifacts"})
+    settings = tracking_settings(params.mlflow)
+    if train.get("mlflow_run_id"):
+        by_folder: dict[str, list[Path]] = {}
+        for name in recorded_files(project):  # metrics/eval.json -> lineage/metrics/eval.json
+            if (Path(project) / name).exists():
+                folder = Path(name).parent.as_posix()
+                by_folder.setdefault("lineage" if folder == "." else f"lineage/{folder}", []).append(Path(project) / name)
+        for artifact_path, files in by_folder.items():
+            log_to_run(settings, train["mlflow_run_id"], artifacts=files, artifact_path=artifact_path)
+    result = register_and_gate(settings, params.registry, train["model_uri"],
                                evaluation["trained"], lineage, evaluate_champion)
     write_json(metrics_dir / "register.json", result)
     return result

@@ -78,7 +78,7 @@ def run(params: Params) -> dict:
                            "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
                    tracking=asdict(settings), logged_params=logged, run_tags=dict(params.mlflow.tags), run_name=run_name,
-                   fail_marker=str(ray_storage / run_name / ".injected_failure"))
+                   run_dir=str(ray_storage / run_name))
     clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
     clock.append(("ray_train", time.perf_counter()))

@@ -14,6 +14,7 @@ import mlflow
 import pytest
 
 from tests.e2e.project import BIN, make_project, pipeline_params, project_env, run
+from tests.project_config import has_intact_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     p = subprocess.Popen([str(BIN / "mpe"), "run"], cwd=proj, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not [c for c in (proj / "ray_results").rglob("checkpoint_*") if c.is_dir()]:
+    while time.monotonic() < deadline and not has_intact_checkpoint(proj / "ray_results"):
         assert p.poll() is None, p.communicate()[1][-3000:]
         time.sleep(0.5)
     started = time.monotonic()

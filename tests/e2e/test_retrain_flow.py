@@ -5,7 +5,6 @@ the champion in a fresh process, and a fresh clone + ``dvc pull`` restoring the 
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
 import signal
@@ -79,6 +78,22 @@ def project(tmp_path_factory, tiny_base_dir, prefect_env):
     return make_project(root / "proj", _params(tiny_base_dir, lr=1e-9, max_steps=4))  # A: weak
 
 
+@pytest.fixture(scope="module")
+def snapshots():
+    """The outputs' bytes right after each registered version: {version: {path: sha256}}."""
+    return {}
+
+
+OUTPUTS = ("data", "cache", "models/base", "models/trained")
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    from mpe.hashing import file_sha256
+
+    return {str(p.relative_to(root)): file_sha256(p) for d in OUTPUTS for p in sorted((root / d).rglob("*"))
+            if p.is_file()}
+
+
 def _flow_run_state(flow_run_id: str) -> str:
     from prefect.client.orchestration import get_client
 
@@ -98,7 +113,7 @@ def _registry(proj):
     return mlflow.MlflowClient()
 
 
-def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, prefect_env):
+def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, prefect_env, snapshots):
     proj, _ = project
     env = {**prefect_env, "PWD": str(proj)}
     _run([str(BIN / "mpe"), "work-pool", "--name", "local-process"], proj, env)
@@ -119,6 +134,7 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(proje
     assert reg["version"] == "1" and reg["alias"] == "champion"
     tags = _registry(proj).get_model_version("mpe-e2e", "1").tags
     assert tags["prefect_flow_run_id"] == run_id
+    snapshots["1"] = _snapshot(proj)
 
 
 def _flow(proj, params):
@@ -132,7 +148,7 @@ def _flow(proj, params):
         os.chdir(cwd)
 
 
-def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
+def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir, snapshots):
     proj, _ = project
     cache_summary = (proj / "metrics" / "cache.json").stat().st_mtime
     result = _flow(proj, _params(tiny_base_dir))
@@ -150,6 +166,17 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir):
     assert tags["base_model"] == str(tiny_base_dir) and tags["ray_run_name"].startswith("mpe-default-")
     assert tags["prefect_flow_run_id"] and tags["mlflow_train_run_id"]
     assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
+    # the outputs' record: a commit on mpe/runs whose dvc.lock holds this model's hash; the user's branch untouched
+    assert tags["mpe.run_ref"] == "mpe/runs" and tags["git_commit"].split("-")[0] != tags["mpe.run_commit"]
+    recorded = subprocess.run(["git", "show", f"{tags['mpe.run_commit']}:dvc.lock"], cwd=proj, capture_output=True,
+                              text=True, check=True).stdout
+    assert tags["dvc.model"] in recorded
+    branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=proj, capture_output=True,
+                            text=True).stdout.strip()
+    assert branch != "mpe/runs"
+    assert {a.path for a in client.list_artifacts(tags["mlflow_train_run_id"], "lineage")} >= {
+        "lineage/dvc.lock", "lineage/params.yaml"}
+    snapshots["2"] = _snapshot(proj)
 
 
 def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_dir):
@@ -224,23 +251,70 @@ print(out.shape, np.round(np.linalg.norm(out, axis=1), 4).tolist())
     assert "(2, 64) [1.0, 1.0]" in out
 
 
-def test_6_fresh_clone_and_dvc_pull_restore_outputs_byte_identical(project, tmp_path):
+def _clone(proj: Path, dest: Path) -> Path:
+    _git(dest.parent, "clone", "-q", str(proj), str(dest))
+    return dest
+
+
+def _reproduce(clone: Path, proj: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mpe"), "reproduce", "--model", "mpe-e2e", "--tracking-uri",
+                           f"sqlite:///{proj / 'mlruns.db'}", *args], cwd=clone, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+
+
+def test_6_a_fresh_clone_reproduces_version_1_not_the_latest(project, tmp_path, snapshots):
     proj, _ = project
-    _git(proj, "add", "-A")
-    _git(proj, "commit", "-qm", "outputs of the last run")
-    clone = tmp_path / "clone"
-    _git(tmp_path, "clone", "-q", str(proj), str(clone))
-    from mpe.dvc_runner import pull
+    assert snapshots["1"] != _snapshot(proj)  # later runs changed the workspace
+    clone = _clone(proj, tmp_path / "clone")
+    out = _reproduce(clone, proj, "--version", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _snapshot(clone) == snapshots["1"]  # data, cache, base and trained model, byte for byte
+    code = """
+import sys, mlflow, pandas as pd, numpy as np
+from mpe.model import MultiPromptCLIP
+mlflow.set_tracking_uri(sys.argv[1])
+registered = mlflow.pyfunc.load_model("models:/mpe-e2e/1").predict(pd.DataFrame({"text": ["a red circle"]}))
+restored = MultiPromptCLIP.from_pretrained(sys.argv[2]).encode_text(["a red circle"]).detach().numpy()
+print(float(np.abs(registered - restored).max()))
+"""
+    diff = _run([sys.executable, "-c", code, f"sqlite:///{proj / 'mlruns.db'}", str(clone / "models" / "trained")],
+                clone, os.environ.copy())
+    assert float(diff.strip().splitlines()[-1]) < 1e-5
 
-    pull(clone, log=lambda line: None)
-    for out_dir in ("data", "cache", "models/trained", "models/base"):
-        cmp = filecmp.dircmp(proj / out_dir, clone / out_dir)
-        _assert_same_tree(cmp, proj / out_dir, clone / out_dir)
+
+def test_7_a_serving_host_pulls_the_model_alone(project, tmp_path, snapshots):
+    proj, _ = project
+    clone = _clone(proj, tmp_path / "serving")
+    out = _reproduce(clone, proj, "--alias", "champion", "--only", "model")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (clone / "data").exists() and not (clone / "cache").exists()
+    want = {k: v for k, v in snapshots["2"].items() if k.startswith("models/trained/")}
+    assert {k: v for k, v in _snapshot(clone).items() if k.startswith("models/trained/")} == want
 
 
-def _assert_same_tree(cmp, a, b):
-    assert not cmp.left_only and not cmp.right_only, (a, cmp.left_only, cmp.right_only)
-    match, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
-    assert not mismatch and not errors, (a, mismatch, errors)
-    for name, sub in cmp.subdirs.items():
-        _assert_same_tree(sub, a / name, b / name)
+def test_7b_outside_git_the_mlflow_artifacts_are_the_record(project, tmp_path, snapshots):
+    proj, remote = project
+    plain = tmp_path / "plain"  # a folder that never saw git: DVC alone, pointed at the same remote
+    plain.mkdir()
+    for cmd in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "localremote", str(remote)]):
+        _run([sys.executable, "-m", "dvc", *cmd], plain, os.environ.copy())
+    out = _reproduce(plain, proj, "--version", "1", "--only", "model")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the MLflow artifacts of run" in out.stdout
+    want = {k: v for k, v in snapshots["1"].items() if k.startswith("models/trained/")}
+    assert {k: v for k, v in _snapshot(plain).items() if k.startswith("models/trained/")} == want
+    assert (plain / "dvc.lock").exists() and (plain / "params.yaml").exists()
+
+
+def test_8_a_missing_remote_object_names_the_version_path_and_remote(project, tmp_path):
+    proj, remote = project
+    client = _registry(proj)
+    md5 = client.get_model_version("mpe-e2e", "1").tags["dvc.model"].removesuffix(".dir")
+    victim = next(remote.rglob(f"{md5[2:]}.dir"))
+    victim.unlink()
+    clone = _clone(proj, tmp_path / "broken")
+    out = _reproduce(clone, proj, "--version", "1", "--only", "model")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "version 1" in out.stderr and "models/trained" in out.stderr and "localremote" in out.stderr
+    out = _reproduce(clone, proj, "--version", "99")
+    assert out.returncode == 2 and "no version 99" in out.stderr

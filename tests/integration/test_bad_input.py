@@ -99,3 +99,20 @@ def test_loader_skips_and_counts_bad_samples(tmp_path):
     assert [s.caption for s in samples] == ["a red square"]
     assert skipped["bad_image"] == 1 and skipped["empty_caption"] == 1
     assert sum(v for k, v in skipped.items() if k.startswith("unreadable")) >= 1
+
+
+def test_undecodable_url_lists_name_the_file_line_column_and_row(tmp_path):
+    csv = tmp_path / "list.csv"
+    csv.write_bytes("URL,TEXT\nfile:///a.png,a red circle\nfile:///b.png,un caf\xe9 cr\xe8me\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"list.csv: line 3 is not utf-8 text .*data.encoding"):
+        read_url_list(csv, "URL", "TEXT")
+    df, report = read_url_list(csv, "URL", "TEXT", encoding="latin-1")
+    assert list(df["TEXT"]) == ["a red circle", "un café crème"] and report["kept"] == 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"URL": ["file:///a.png", "file:///b.png", "file:///c.png"],
+                      "TEXT": pa.array([b"fine", "caf\xe9".encode("latin-1"), b"ok"], type=pa.binary())})
+    pq.write_table(table, tmp_path / "binary.parquet")
+    with pytest.raises(DataError, match=r"binary.parquet: column 'TEXT', row 1: not UTF-8 text"):
+        read_url_list(tmp_path / "binary.parquet", "URL", "TEXT")

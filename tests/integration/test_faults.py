@@ -19,6 +19,7 @@ import yaml
 from mpe.cli import main
 from mpe.config import load_params
 from mpe.hashing import file_sha256
+from tests.project_config import has_intact_checkpoint
 
 BIN = Path(sys.executable).parent
 
@@ -224,9 +225,9 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not list((tmp_path / "ray_results").rglob("checkpoint_*")):
+        while time.monotonic() < deadline and not has_intact_checkpoint(tmp_path / "ray_results"):
             time.sleep(0.2)
-        assert list((tmp_path / "ray_results").rglob("checkpoint_*")), "no checkpoint before the deadline"
+        assert has_intact_checkpoint(tmp_path / "ray_results"), "no intact checkpoint before the deadline"
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 <pid>` does
     finally:
         proc.wait()
