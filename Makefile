@@ -11,6 +11,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
 
 # Prefect keeps its local database (flow runs, deployments) in the project, where `make ui` finds it.
 export PREFECT_HOME ?= $(CURDIR)/.prefect

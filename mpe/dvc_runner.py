@@ -31,6 +31,11 @@ def stage_names(project: Path) -> list[str]:
     return list(stages)
 
 
+def _quiet_env() -> dict:
+    """The environment for DVC: no analytics even where a project's .dvc/config does not turn them off."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+
 def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
     """Interrupt the command's whole process group (the stage and what it started), then make sure it ends."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
@@ -46,7 +51,7 @@ def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 
 def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> None:
-    env = {**os.environ, "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
+    env = {**_quiet_env(), "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
     # mpe's own CLI must be the one in this environment, whatever PATH says
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # its own process group: a Ctrl-C reaches it through us, once, and we know it was one
@@ -93,7 +98,7 @@ def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
     import json
 
     out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *targets], cwd=project,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=_quiet_env())
     if out.returncode != 0:
         raise DvcError(f"`dvc status` failed in {project}: {out.stderr.strip()[-2000:]}")
     changed = []
@@ -106,6 +111,7 @@ def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
 
 def status_clean(project: Path) -> tuple[bool, str]:
     """``dvc status``: clean when every stage is up to date."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True,
+                         env=_quiet_env())
     text = out.stdout + out.stderr
     return out.returncode == 0 and "up to date" in text, text

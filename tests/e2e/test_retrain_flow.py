@@ -297,7 +297,7 @@ def test_7b_outside_git_the_mlflow_artifacts_are_the_record(project, tmp_path, s
     plain = tmp_path / "plain"  # a folder that never saw git: DVC alone, pointed at the same remote
     plain.mkdir()
     for cmd in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "localremote", str(remote)]):
-        _run([sys.executable, "-m", "dvc", *cmd], plain, os.environ.copy())
+        _run([sys.executable, "-m", "dvc", *cmd], plain, {**os.environ, "DVC_NO_ANALYTICS": "1"})
     out = _reproduce(plain, proj, "--version", "1", "--only", "model")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the MLflow artifacts of run" in out.stdout
