@@ -108,4 +108,4 @@ def reproduce(project: Path, settings: TrackingSettings, name: str, version: str
         raise ReproduceError(f"model '{name}' version {mv.version}: after the pull these outputs differ from the "
                              f"recorded lock: {', '.join(changed[:5])}")
     return {"model_name": name, "version": str(mv.version), "source": source, "restored": sorted(files),
-            "pulled": targets or sorted(outs), "model_md5": outs.get(model_dir), "code_commit": mv.tags.get("git_commit")}
+            "pulled": targets or sorted(set(outs) - set(files)), "model_md5": outs.get(model_dir), "code_commit": mv.tags.get("git_commit")}

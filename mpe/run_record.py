@@ -82,9 +82,14 @@ def record_run(project: Path, label: str) -> dict | None:
         tree = _git(project, "write-tree", env=env)
     parents = ["-p", head]
     try:
-        parents += ["-p", _git(project, "rev-parse", "--verify", "--quiet", f"refs/heads/{RUNS_BRANCH}")]
+        previous = _git(project, "rev-parse", "--verify", "--quiet", f"refs/heads/{RUNS_BRANCH}")
     except NotAGitRepository:
-        pass
+        previous = None
+    if previous:
+        if _git(project, "rev-parse", f"{previous}^{{tree}}") == tree and \
+                _git(project, "rev-parse", f"{previous}^1") == head:
+            return {"ref": RUNS_BRANCH, "commit": previous, "code": head}  # a rerun that changed nothing
+        parents += ["-p", previous]
     commit = _git(project, "commit-tree", tree, *parents, "-m", f"mpe run {label}: outputs (dvc.lock) and params",
                   env=_identity(project))
     _git(project, "update-ref", f"refs/heads/{RUNS_BRANCH}", commit)

@@ -41,6 +41,7 @@ def test_a_run_is_committed_on_its_branch_and_nothing_else_moves(tmp_path):
     _git(proj, "commit", "-qm", "code")
     head, status = _git(proj, "rev-parse", "HEAD"), _git(proj, "status", "--porcelain")
     first = record_run(proj, "run-1")
+    assert record_run(proj, "run-1 again") == first  # nothing changed: no second commit
     (proj / "dvc.lock").write_text("schema: '2.0'\nstages: {changed: {}}\n")
     second = record_run(proj, "run-2")
     assert _git(proj, "rev-parse", "HEAD") == head and _git(proj, "status", "--porcelain") == status
