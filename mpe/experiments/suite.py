@@ -6,7 +6,8 @@ data (one world per data config, generated with the base seed, so seeds vary tra
 model (one per base config and number of APT tokens) and the cache (content-addressed keys under one
 root). A row names only what defines it; what it implies is set here (a single-embedding pooling reads
 one embedding with no negated prompts; LoRA trains every layer, so nothing is cached; no negation loss
-needs no negated prompts; the vanilla CLIP text tower and LoRA have no frozen trunk to cache).
+needs no negated prompts; the vanilla CLIP text tower and LoRA have no frozen trunk to cache, and
+trained APT rows change it every step).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def implications(params: dict, row: dict) -> dict:
         put(["model", "text", "negation"], False)
     if (text.get("tuning") == "lora" or pooling == "vanilla_clip") and "enabled" not in row.get("cache", {}):
         put(["cache", "enabled"], False)  # nothing of a frozen trunk to cache
+    if text.get("train_apt_embeddings") and "enabled" not in row.get("cache", {}):
+        put(["cache", "enabled"], False)  # trained APT rows change the trunk states every step
     return implied
 
 

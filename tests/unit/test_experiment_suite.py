@@ -28,12 +28,14 @@ def test_a_row_sets_what_it_implies(tmp_path):
     suite = _suite(tmp_path, {"mean": {"model": {"text": {"pooling": "mean"}}},
                               "lora": {"model": {"text": {"pooling": "mean", "tuning": "lora"}}},
                               "no_neg": {"model": {"loss": {"lambda_neg": 0.0}}},
-                              "k6": {"model": {"text": {"num_prompts": 6}}}})
+                              "k6": {"model": {"text": {"num_prompts": 6}}},
+                              "apt": {"model": {"text": {"train_apt_embeddings": True}}}})
     runs = {(r.cell, r.seed): r.params for r in expand(suite, "quick", tmp_path)}
     mean = runs[("mean", 0)].model.text
     assert (mean.num_prompts, mean.negation) == (1, False)
     assert runs[("lora", 1)].cache.enabled is False and runs[("lora", 1)].model.text.tuning == "lora"
     assert runs[("no_neg", 0)].model.text.negation is False and runs[("k6", 0)].model.text.negation is True
+    assert runs[("apt", 0)].cache.enabled is False and runs[("k6", 0)].cache.enabled is True
     assert runs[("mean", 0)].seed == 0 and runs[("mean", 1)].seed == 1
     assert runs[("mean", 0)].data.out_dir == runs[("k6", 1)].data.out_dir  # one world for every cell
     assert runs[("mean", 0)].base_model.out_dir != runs[("k6", 0)].base_model.out_dir  # 0 vs 6 APT tokens
