@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from mpe import storage  # noqa: E402
 from mpe.config import load_params  # noqa: E402
 from mpe.experiments.suite import RunSpec, expand, load_suite, suite_path  # noqa: E402
+from mpe.project_lock import project_lock  # noqa: E402
 from mpe.stages import base_model, cache, data, evaluate, reweight, train  # noqa: E402
 from mpe.tracking import parent_run  # noqa: E402
 from mpe.tracking_settings import tracking_settings  # noqa: E402
@@ -62,18 +63,19 @@ def experiment_suite(name: str, form: str = "quick", project_dir: str = ".", onl
     """Run every (cell, seed) of ``experiments/<name>.yaml`` in ``form``; ``only`` limits the cells."""
     project = Path(project_dir).resolve()
     os.chdir(project)
-    suite = load_suite(suite_path(name, project))
-    base = load_params(project / suite.base)
-    parent = parent_run(tracking_settings(base.mlflow), f"{name} ({form})",
-                        {"mpe.suite": name, "mpe.form": form, "mpe.suite_parent": "true"})
-    specs = [s for s in expand(suite, form, project, parent) if not only or s.cell in only]
-    for out, spec in {s.params.data.out_dir: s for s in specs}.items():
-        prepare_data(spec, out)
-    for out, spec in {s.params.base_model.out_dir: s for s in specs}.items():
-        prepare_base(spec, out)
-    results = {}
-    for spec in specs:
-        if _done(spec):
-            continue
-        results[f"{spec.cell}/{spec.seed}"] = run_cell(spec, spec.cell in suite.analyse)
-    return {"suite": name, "form": form, "parent_run_id": parent, "ran": len(results), "runs": len(specs)}
+    with project_lock(project, wait=None, say=get_run_logger().info):  # one suite or run per project at a time
+        suite = load_suite(suite_path(name, project))
+        base = load_params(project / suite.base)
+        parent = parent_run(tracking_settings(base.mlflow), f"{name} ({form})",
+                            {"mpe.suite": name, "mpe.form": form, "mpe.suite_parent": "true"})
+        specs = [s for s in expand(suite, form, project, parent) if not only or s.cell in only]
+        for out, spec in {s.params.data.out_dir: s for s in specs}.items():
+            prepare_data(spec, out)
+        for out, spec in {s.params.base_model.out_dir: s for s in specs}.items():
+            prepare_base(spec, out)
+        results = {}
+        for spec in specs:
+            if _done(spec):
+                continue
+            results[f"{spec.cell}/{spec.seed}"] = run_cell(spec, spec.cell in suite.analyse)
+        return {"suite": name, "form": form, "parent_run_id": parent, "ran": len(results), "runs": len(specs)}

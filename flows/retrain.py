@@ -21,8 +21,11 @@ from prefect.runtime import flow_run  # noqa: E402
 from mpe.config import ScheduleConfig, load_params  # noqa: E402
 from mpe.dvc_runner import push, repro_stage, stage_names  # noqa: E402
 from mpe.errors import Interrupted  # noqa: E402
+from mpe.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
 from mpe.run_record import record_run  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
+from mpe.tracking import fail_abandoned_runs  # noqa: E402
+from mpe.tracking_settings import tracking_settings  # noqa: E402
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
 # from its last checkpoint). Deterministic stages fail the same way twice; a Ctrl-C is never retried.
@@ -75,16 +78,20 @@ def register(params_path: str, project_dir: str, rec: dict | None) -> dict:
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     """The stages of dvc.yaml (each rerun only if its deps changed), push, record the run's lock on the
-    branch mpe/runs, and register."""
+    branch mpe/runs, and register — one run per project at a time (a second one waits for the first)."""
     project_dir = str(Path(project_dir).resolve())
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
-    params = load_params(Path(project_dir) / params_path)
-    for stage in stage_names(Path(project_dir)):
-        dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5,
-                               retry_condition_fn=_unless_interrupted)(stage, project_dir)
-    if params.dvc.push:
-        dvc_push(project_dir, params.dvc.remote)
-    return register(params_path, project_dir, record(project_dir))
+    logger = get_run_logger()
+    with project_lock(project_dir, wait=None, say=logger.info):
+        params = load_params(Path(project_dir) / params_path)
+        for run_id in fail_abandoned_runs(tracking_settings(params.mlflow), {PROJECT_TAG: project_identity(project_dir)}):
+            logger.warning("MLflow run %s of this project was left running by a killed run: marked FAILED", run_id)
+        for stage in stage_names(Path(project_dir)):
+            dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5,
+                                   retry_condition_fn=_unless_interrupted)(stage, project_dir)
+        if params.dvc.push:
+            dvc_push(project_dir, params.dvc.remote)
+        return register(params_path, project_dir, record(project_dir))
 
 
 def ensure_work_pool(name: str = "local-process") -> None:
@@ -112,7 +119,7 @@ def ensure_work_pool(name: str = "local-process") -> None:
 
 def serve_nightly(schedule: ScheduleConfig, params_path: str = "params.yaml") -> None:
     """Serve the flow on ``schedule.cron`` from this process (Ctrl-C stops it)."""
-    retrain.serve(name=schedule.deployment, cron=schedule.cron,
+    retrain.serve(name=schedule.deployment, cron=schedule.cron, global_limit=1,
                   parameters={"params_path": params_path, "project_dir": str(Path.cwd())})
 
 

@@ -145,8 +145,9 @@ def cmd_reweight(args) -> None:
 
 def cmd_experiments_run(args) -> None:
     from flows.local_server import prefect_server
+    from mpe.project_lock import project_lock
 
-    with prefect_server():
+    with project_lock(".", wait=0), prefect_server():
         from flows.experiments import experiment_suite
 
         print(experiment_suite(args.name, args.form, ".", args.only or None))
@@ -196,11 +197,15 @@ def cmd_run(args) -> None:
     from flows.local_server import prefect_server
     from mpe.summary import run_summary
 
-    path = _project_params(args)
-    with prefect_server():
-        from flows.retrain import retrain
+    from mpe.project_lock import project_lock
 
-        retrain(params_path=str(path), project_dir=".")
+    path = _project_params(args)
+    # taken before Prefect starts, so a second run is refused (or waits) at once
+    with project_lock(".", wait=args.wait, say=lambda m: print(m, file=sys.stderr)):
+        with prefect_server():
+            from flows.retrain import retrain
+
+            retrain(params_path=str(path), project_dir=".")
     print(run_summary(load_params(path)))
 
 
@@ -247,10 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", cmd_train, "train with Ray Train (TorchTrainer); resumes a run of the same name"),
         ("evaluate", cmd_evaluate, "retrieval, negation and zero-shot metrics and plots"),
         ("register", cmd_register, "register the trained model in MLflow; gate @champion vs @challenger"),
-        ("run", cmd_run, "the whole retrain flow (Prefect): DVC stages, push, register"),
         ("schedule", cmd_schedule, "serve the retrain flow on its cron schedule (Prefect)"),
     ]:
         sub.add_parser(name, help=text).set_defaults(func=func)
+    run_ = sub.add_parser("run", help="the whole retrain flow (Prefect): DVC stages, push, register")
+    run_.add_argument("--wait", nargs="?", type=float, const=None, default=0.0, metavar="SECONDS",
+                      help="if another run holds this project, wait for it (at most SECONDS) instead of stopping")
+    run_.set_defaults(func=cmd_run)
     pool = sub.add_parser("work-pool", help="create the Prefect process work pool (offline-safe)")
     pool.add_argument("--name", default="local-process")
     pool.set_defaults(func=cmd_work_pool)

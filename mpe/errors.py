@@ -29,6 +29,10 @@ class StageInputError(MpeError):
     """A stage's input is missing or stale (e.g. train before cache); the message names the stage to run."""
 
 
+class ProjectBusy(MpeError):
+    """Another pipeline run holds the project's run lock; the message names it."""
+
+
 class Interrupted(MpeError):
     """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
 

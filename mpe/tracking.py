@@ -141,3 +141,23 @@ def parent_run(settings: TrackingSettings, name: str, tags: dict[str, str]) -> s
     run = client.create_run(exp.experiment_id, run_name=name, tags=tags)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def fail_abandoned_runs(settings: TrackingSettings, tags: dict[str, str]) -> list[str]:
+    """Mark FAILED (with tag ``mpe.end_reason``) every run still RUNNING that carries ``tags``; their ids.
+
+    Call it only while holding the project's run lock: then no live run of the project exists, and a
+    run MLflow still shows as running belonged to a run that was killed (``kill -9``, a lost machine).
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.experiment)
+    if exp is None:
+        return []
+    where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
+    found = client.search_runs([exp.experiment_id], filter_string=where)
+    for run in found:
+        client.set_tag(run.info.run_id, "mpe.end_reason", "its process was killed; marked failed by the next run")
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [r.info.run_id for r in found]

@@ -18,6 +18,7 @@ from mpe.checkpoint import load_trainable
 from mpe.config import Params
 from mpe.data.stats import read_stats, verified_shards
 from mpe.errors import StageInputError
+from mpe.project_lock import PROJECT_TAG, project_identity
 from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
 from mpe.tracking import log_trained_model
 from mpe.tracking_settings import tracking_settings
@@ -77,7 +78,7 @@ def run(params: Params) -> dict:
                    stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
                            "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
-                   tracking=asdict(settings), logged_params=logged, run_tags=dict(params.mlflow.tags), run_name=run_name,
+                   tracking=asdict(settings), logged_params=logged, run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())}, run_name=run_name,
                    run_dir=str(ray_storage / run_name))
     clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)

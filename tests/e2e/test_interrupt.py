@@ -1,5 +1,5 @@
 """The whole flow under faults: Ctrl-C stops `mpe run` within seconds, registers nothing and the rerun
-resumes; a held DVC lock is a one-line error; an output edited in place does not corrupt DVC's copy."""
+resumes, while a second `mpe run` is refused and a third (--wait) waits its turn; a held DVC lock is a one-line error; an output edited in place does not corrupt DVC's copy."""
 
 from __future__ import annotations
 
@@ -54,10 +54,32 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert p.returncode == 130, (p.returncode, err[-3000:])
     assert "interrupted" in err and "resume" in err and stopped < 90, (stopped, err[-2000:])
     assert _registered(proj) == [] and not (proj / "metrics" / "register.json").exists()
-    run([str(BIN / "mpe"), "run"], proj, env, timeout=900)
+
+    # the rerun, and two more `mpe run` started while it runs: one stops at once, one waits its turn
+    first = subprocess.Popen([str(BIN / "mpe"), "run"], cwd=proj, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = proj / ".mpe" / "run.lock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    second = subprocess.run([str(BIN / "mpe"), "run"], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
+    third = subprocess.Popen([str(BIN / "mpe"), "run", "--wait"], cwd=proj, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err[-3000:]
+    last = [line for line in second.stderr.splitlines() if line.strip()][-1]
+    assert second.returncode == 2 and "another pipeline run holds this project" in last and f"pid {first.pid}" in last, \
+        second.stderr[-2000:]
+    out3, err3 = third.communicate(timeout=600)
+    assert third.returncode == 0 and "waiting for the run" in err3, err3[-3000:]
     train = json.loads((proj / "metrics" / "train.json").read_text())
     assert train["steps"] == 40 and train["restored_from_step"] >= 2
     assert [m.name for m in _registered(proj)] == ["mpe-faults"]
+    versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
+    assert [v.version for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=proj, capture_output=True, text=True, env=env)
+    assert "up to date" in status.stdout, status.stdout  # every output intact, none half-written
 
 
 def test_an_output_edited_in_place_leaves_dvc_s_copy_intact(proj):

@@ -120,6 +120,7 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(proje
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], proj, env)
     info = _run([str(BIN / "prefect"), "deployment", "inspect", "retrain/nightly"], proj, env)
     assert "0 2 * * *" in info and "local-process" in info
+    assert "ENQUEUE" in info and "concurrency" in info, info  # one run of the deployment at a time, queued
     out = _run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly"], proj, env)
     run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
     _run([str(BIN / "prefect"), "worker", "start", "--pool", "local-process", "--type", "process", "--run-once"],
