@@ -77,7 +77,7 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert train["steps"] == 40 and train["restored_from_step"] >= 2
     assert [m.name for m in _registered(proj)] == ["mpe-faults"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
-    assert [v.version for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
+    assert [str(v.version) for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=proj, capture_output=True, text=True, env=env)
     assert "up to date" in status.stdout, status.stdout  # every output intact, none half-written
 
