@@ -63,8 +63,15 @@ def load_vision(folder: str | Path):
         raise ConfigError(f"model.vision.pretrained: {err}") from None
     family = _family(vcfg)
     model_cls = _classes(family)[0]
-    vit, info = model_cls.from_pretrained(str(folder), config=vcfg, use_safetensors=True, local_files_only=True,
-                                          trust_remote_code=False, output_loading_info=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a full checkpoint's text tower is reported as unexpected keys: it is
+    try:
+        vit, info = model_cls.from_pretrained(str(folder), config=vcfg, use_safetensors=True, local_files_only=True,
+                                              trust_remote_code=False, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ConfigError(f"model.vision.pretrained: {folder}: the weights do not fit its config (missing "
                           f"{sorted(info['missing_keys'])[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]})")

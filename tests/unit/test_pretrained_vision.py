@@ -197,3 +197,12 @@ def test_config_errors_name_the_key_and_path(tmp_path, checkpoints):
     f = tmp_path / "params.yaml"
     f.write_text(f"model:\n  vision:\n    pretrained: {checkpoints['siglip']}\n    image_size: 32\n")
     assert load_params(f).model.vision.num_layers == 1
+
+
+def test_untrained_twin_of_a_tuned_tower_starts_from_the_original_checkpoint(checkpoints):
+    from mpe.stages.evaluate import _untrained_twin
+
+    saved, original = str(checkpoints["siglip"]), str(checkpoints["clip"])  # two readable folders
+    assert _untrained_twin(_cfg(saved), original).vision.pretrained == original
+    assert _untrained_twin(_cfg(saved, freeze=True), original).vision.pretrained == saved  # frozen: the same weights
+    assert _untrained_twin(_cfg(saved), None).vision.pretrained == saved
