@@ -37,7 +37,6 @@ def main() -> None:
     from mpe.precision import torch_dtype
     from mpe.text.prompt_sequence import tokenize_captions
     from mpe.train_step import Batch, train_step
-    from mpe.vision.preprocess import scale_pixels
 
     peak = load_peak()
     project = Path(args.project).resolve()
@@ -63,7 +62,7 @@ def main() -> None:
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = build_optimizer(model, params.train.lr, params.train.weight_decay)
     sched = build_scheduler(opt, params.train.warmup_steps, 1000)
-    b = Batch(scale_pixels(batch["pixels"]), states=batch["states"].float(), caption_lens=batch["caption_lens"].tolist())
+    b = Batch(model.vision.transform.normalize(batch["pixels"]), states=batch["states"].float(), caption_lens=batch["caption_lens"].tolist())
     step_autocast = torch.bfloat16 if train.get("compute_dtype") == "bfloat16" else None
     with FlopCounterMode(display=False) as fc:
         train_step(model, b, opt, sched, trainable, params.train.grad_clip, autocast=step_autocast)

@@ -75,12 +75,11 @@ def allreduce_seconds(numel: int) -> float:
 def measure(params, model, batch, autocast, steps: int) -> dict:
     from mpe.optim import build_optimizer, build_scheduler
     from mpe.train_step import Batch, train_step
-    from mpe.vision.preprocess import scale_pixels
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, params.train.lr, params.train.weight_decay)
     sched = build_scheduler(opt, params.train.warmup_steps, 10_000)
-    b = Batch(scale_pixels(batch["pixels"]), states=batch["states"].float(), caption_lens=batch["caption_lens"].tolist())
+    b = Batch(model.vision.transform.normalize(batch["pixels"]), states=batch["states"].float(), caption_lens=batch["caption_lens"].tolist())
     step = lambda: train_step(model, b, opt, sched, trainable, params.train.grad_clip, autocast=autocast)  # noqa: E731
     step()
     with FlopCounterMode(display=False) as fc:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mpe.errors import ConfigError
 
@@ -65,8 +65,57 @@ class TextConfig(_Strict):
         return self.pooling in APT_POOLINGS
 
 
+# A pretrained vision tower's model_type (config.json) and the VisionConfig field each checkpoint key sets.
+PRETRAINED_VISION_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
+CHECKPOINT_VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "hidden_size": "hidden_size",
+                            "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                            "intermediate_size": "intermediate_size"}
+
+
+def read_vision_checkpoint(folder: str | Path):
+    """The transformers vision config (``SiglipVisionConfig`` / ``CLIPVisionConfig``) of a local SigLIP or
+    CLIP checkpoint folder, vision-only or a full two-tower one; ``ValueError`` naming the folder otherwise.
+
+    Only local files are read: nothing is downloaded and no remote code runs.
+    """
+    import json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder (a local Hugging Face SigLIP or CLIP checkpoint)")
+    cfg_file = folder / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{cfg_file}: missing: not a Hugging Face checkpoint folder") from None
+    except ValueError as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind not in PRETRAINED_VISION_TYPES:
+        raise ValueError(f"{cfg_file}: model_type {kind!r} is not a supported vision tower "
+                         f"(supported: {', '.join(PRETRAINED_VISION_TYPES)})")
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    vision_cls = SiglipVisionConfig if kind.startswith("siglip") else CLIPVisionConfig
+    if kind in ("siglip", "clip"):  # a full two-tower checkpoint: its vision part
+        if not isinstance(raw.get("vision_config"), dict):
+            raise ValueError(f"{cfg_file}: model_type {kind!r} without a vision_config")
+        raw = raw["vision_config"]
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ValueError(f"{folder}: no preprocessor_config.json (the checkpoint's image preprocessing)")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: no *.safetensors weights (other weight formats are not read)")
+    return vision_cls.from_dict({k: v for k, v in raw.items() if k != "model_type"})
+
+
 class VisionConfig(_Strict):
-    """SigLIP-style ViT with the MAP attention-pooling head (transformers ``SiglipVisionModel``)."""
+    """The vision tower: a SigLIP-style ViT with the MAP attention-pooling head trained from scratch
+    (transformers ``SiglipVisionModel``), or a local pretrained SigLIP / CLIP checkpoint (``pretrained``).
+
+    With ``pretrained`` the checkpoint defines the architecture: the six size fields are read from it
+    (leave them out; an explicit value that differs from the checkpoint's is an error) and the images
+    are prepared by its own processor config.
+    """
 
     image_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1)
@@ -74,10 +123,42 @@ class VisionConfig(_Strict):
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(3, ge=1)
     intermediate_size: int = Field(768, gt=0)
-    pretrained: str | None = None
+    pretrained: str | None = Field(None, description="a local Hugging Face SigLIP or CLIP checkpoint folder "
+                                                     "(vision-only or full); None: train a ViT from scratch")
+    freeze: bool = Field(False, description="pretrained only: keep the ViT fixed and train only the projection "
+                                            "to the joint embedding (LiT)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sizes_from_checkpoint(cls, data: Any) -> Any:
+        """Fill the size fields from the checkpoint; refuse an explicit value that contradicts it."""
+        if not isinstance(data, dict) or not data.get("pretrained"):
+            return data
+        try:
+            ckpt = read_vision_checkpoint(data["pretrained"])
+        except (ValueError, OSError):
+            return data  # reported with its key by the field validator below
+        found = {field: getattr(ckpt, key) for field, key in CHECKPOINT_VISION_FIELDS.items()}
+        clash = [f"{f} is {data[f]!r} but the checkpoint has {v!r}" for f, v in found.items()
+                 if f in data and data[f] != v]
+        if clash:
+            raise ValueError(f"{'; '.join(clash)} ({data['pretrained']}): leave these keys out with pretrained, "
+                             "the checkpoint defines them")
+        return {**data, **found}
+
+    @field_validator("pretrained")
+    @classmethod
+    def _readable(cls, folder: str | None) -> str | None:
+        if folder is not None:
+            read_vision_checkpoint(folder)
+        return folder
 
     @model_validator(mode="after")
     def _check(self) -> "VisionConfig":
+        if self.freeze and not self.pretrained:
+            raise ValueError("freeze needs a pretrained tower (model.vision.pretrained)")
+        if self.pretrained:
+            return self  # the checkpoint's own geometry
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.hidden_size % self.num_heads:

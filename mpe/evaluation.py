@@ -129,11 +129,10 @@ def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> d
 def prompt_patch_maps(model, images, text_emb: torch.Tensor) -> torch.Tensor:
     """``(N, K, g, g)``: how much each image patch agrees with each prompt's piece of its caption.
 
-    Patch states (after the ViT's final norm, before attention pooling) go through the image
-    projection; segment k of each patch is scored against segment k of the caption embedding.
+    Patch states (after the ViT's final norm, before pooling; a CLIP class token left out) go through
+    the image projection; segment k of each patch is scored against segment k of the caption embedding.
     """
-    pixels = model.pixel_values(images)
-    patches = model.vision.vit(pixel_values=pixels).last_hidden_state
+    patches = model.vision.patch_states(model.pixel_values(images))
     proj = model.vision.proj(patches)  # (N, P, D)
     k = model.num_pieces
     n, p, d = proj.shape

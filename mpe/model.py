@@ -5,7 +5,8 @@ Saved folder (``save_pretrained``)::
     mpe_config.json          the ModelConfig and provenance
     text_model/              plain transformers checkpoint + tokenizer with the APT tokens (LLM poolings)
     tokenizer/               tokenizer only (vanilla_clip)
-    mpe_weights.safetensors  everything else: projections, vision tower, logit scale/bias
+    vision_model/            pretrained vision tower only: plain transformers checkpoint + preprocessor config
+    mpe_weights.safetensors  everything else: projections, the from-scratch vision tower, logit scale/bias
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from mpe.text.apt_tokens import add_apt_tokens
 from mpe.text.lm_io import load_lm, save_plain_lm
 from mpe.text.tower import LLMTextTower, TextEmbedding
 from mpe.text.vanilla_clip import VanillaCLIPTextTower
-from mpe.vision.preprocess import preprocess_batch
 from mpe.vision.tower import VisionTower
 
 CONFIG_FILE = "mpe_config.json"
 WEIGHTS_FILE = "mpe_weights.safetensors"
 TEXT_DIR = "text_model"
 TOKENIZER_DIR = "tokenizer"
+VISION_DIR = "vision_model"
 
 
 class MultiPromptCLIP(nn.Module):
@@ -70,6 +71,9 @@ class MultiPromptCLIP(nn.Module):
             if cfg.text.uses_apt:
                 add_apt_tokens(lm, tok, cfg.text.num_prompts, seed=cfg.text.apt_init_seed)
             text = LLMTextTower(lm, tok, cfg.text, cfg.embed_dim)
+        provenance = dict(provenance or {})
+        if cfg.vision.pretrained:  # its folder's name: the saved model holds no path of this machine
+            provenance.setdefault("vision_pretrained", Path(cfg.vision.pretrained).name)
         return cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim), provenance)
 
     @property
@@ -91,7 +95,7 @@ class MultiPromptCLIP(nn.Module):
                           for i in range(0, len(texts), batch_size)])
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return preprocess_batch(images, self.vision.image_size).to(self.device)
+        return self.vision.transform(images).to(self.device)
 
     def encode_image(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """``(N, D)`` L2-normalised image embeddings."""
@@ -131,8 +135,12 @@ class MultiPromptCLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.loss.max_logit_scale), self.logit_bias
 
     # -- persistence -------------------------------------------------------------------------
+    def _separate(self, key: str) -> bool:
+        """Weights saved in their own checkpoint folder: the LLM, and a pretrained vision tower's ViT."""
+        return key.startswith("text.lm.") or (bool(self.cfg.vision.pretrained) and key.startswith("vision.vit."))
+
     def _head_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("text.lm.")}
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not self._separate(k)}
 
     def save_pretrained(self, out: str | Path) -> Path:
         """Write the model folder atomically (a temp folder renamed into place)."""
@@ -142,9 +150,12 @@ class MultiPromptCLIP(nn.Module):
                 save_plain_lm(_merged_lm(self.text.lm), self.text.tokenizer, tmp / TEXT_DIR)
             else:
                 self.text.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            model_cfg = self.cfg.model_dump(mode="json")
+            if self.cfg.vision.pretrained:
+                self.vision.save_pretrained_vit(tmp / VISION_DIR)
+                model_cfg["vision"]["pretrained"] = VISION_DIR  # relative to the model folder
             save_file(self._head_state(), str(tmp / WEIGHTS_FILE))
-            meta = {"mpe_version": __version__, "model": self.cfg.model_dump(mode="json"),
-                    "provenance": self.provenance}
+            meta = {"mpe_version": __version__, "model": model_cfg, "provenance": self.provenance}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
@@ -161,6 +172,8 @@ class MultiPromptCLIP(nn.Module):
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{meta_file}: not an mpe model config ({type(err).__name__}: {err}); "
                               "the folder is damaged: save or download the model again") from None
+        if isinstance(model_cfg, dict) and (model_cfg.get("vision") or {}).get("pretrained"):
+            model_cfg = {**model_cfg, "vision": {**model_cfg["vision"], "pretrained": str(path / VISION_DIR)}}
         cfg = validate(ModelConfig, model_cfg, str(meta_file))
         if cfg.text.pooling == "vanilla_clip":
             from transformers import AutoTokenizer
@@ -170,15 +183,14 @@ class MultiPromptCLIP(nn.Module):
         else:
             lm, tok = load_lm(path / TEXT_DIR, cfg.text.attn_implementation, dtype)
             text = LLMTextTower(lm, tok, cfg.text, cfg.embed_dim)
-        model = cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim, load_pretrained=False),
-                    meta.get("provenance"))
+        model = cls(cfg, text, VisionTower(cfg.vision, cfg.embed_dim), meta.get("provenance"))
         try:
             state = load_file(str(path / WEIGHTS_FILE))
         except Exception as err:  # SafetensorError: truncated or not safetensors
             raise ConfigError(f"{path / WEIGHTS_FILE}: unreadable weights ({err}); the folder is damaged: "
                               "save or download the model again") from None
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("text.lm.")]
+        missing = [k for k in missing if not model._separate(k)]
         if missing or unexpected:
             raise ValueError(f"{path / WEIGHTS_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
         return model.to(dtype).eval()

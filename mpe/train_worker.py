@@ -29,7 +29,6 @@ from mpe.ray_cluster import ensure_ray, torch_config
 from mpe.tracking import end_run, log_metrics, start_run
 from mpe.tracking_settings import TrackingSettings
 from mpe.train_step import Batch, train_step
-from mpe.vision.preprocess import scale_pixels
 
 
 @dataclass
@@ -135,8 +134,8 @@ def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker:
         raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
 
 
-def _to_batch(b: dict, device) -> Batch:
-    pixels = scale_pixels(b["pixels"]).to(device)
+def _to_batch(b: dict, model, device) -> Batch:
+    pixels = model.vision.transform.normalize(b["pixels"].to(device))
     if "states" in b:
         return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist())
     return Batch(pixels, captions=b["captions"])
@@ -198,7 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
         b = next(loader)
         waited = time.perf_counter() - t0
         row = {"step": state["step"] + 1,
-               **train_step(model, _to_batch(b, device), optimizer, scheduler, trainable, tcfg.grad_clip, dist,
+               **train_step(model, _to_batch(b, model, device), optimizer, scheduler, trainable, tcfg.grad_clip, dist,
                             autocast)}
         row.update(data_wait_s=waited, step_s=time.perf_counter() - t0)
         if keys_log is not None:

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from mpe.cache_store import ShardReader, decode, left_pad, text_digest
 from mpe.data.tar_stream import caption_of, image_of, iter_samples
 from mpe.errors import DataError
-from mpe.vision.preprocess import to_uint8
+from mpe.vision.preprocess import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ class StreamSpec:
     rank: int = 0
     world: int = 1
     workers: int = 1  # loader processes per rank (0: read in the training process)
+    image_transform: dict | None = None  # ImageTransform.to_json() of the tower; None: mpe's own at image_size
+
+    def transform(self) -> ImageTransform:
+        if self.image_transform is None:
+            return ImageTransform.own(self.image_size)
+        return ImageTransform.from_json(self.image_transform)
 
 
 @dataclass
@@ -185,7 +191,7 @@ class SlotStream:
 
     def next_batch(self) -> dict:
         """A collated batch and this slot's state after it."""
-        size = self.spec.image_size
+        transform = self.spec.transform()
         pixels, keys, captions, states, lens = [], [], [], [], []
         while len(keys) < self.spec.batch_size:
             raw = self._next_raw()
@@ -194,7 +200,7 @@ class SlotStream:
                     raise ValueError("no image")
                 with Image.open(io.BytesIO(raw.image)) as im:
                     im.load()
-                    pixels.append(to_uint8(im, size))
+                    pixels.append(transform.to_uint8(im))
             except (UnidentifiedImageError, OSError, ValueError):
                 self.skipped["bad_image"] += 1
                 continue

@@ -11,7 +11,7 @@ from mpe import storage
 from mpe.atomic import write_json
 from mpe.cache_compute import cache_fields
 from mpe.cache_store import TextStates, open_active
-from mpe.config import Params
+from mpe.config import ModelConfig, Params
 from mpe.data.loader import load_split
 from mpe.data.stats import verified_shards
 from mpe.evaluation import (TextEmbedder, analysis_metrics, chance_levels, evaluate_model, evaluate_split, flat_metrics,
@@ -21,6 +21,14 @@ from mpe.plots import loss_curves, prompt_maps, recall_bars
 from mpe.text.tower import LLMTextTower
 from mpe.tracking import log_to_run
 from mpe.tracking_settings import tracking_settings
+
+
+def _untrained_twin(cfg: ModelConfig, pretrained: str | None) -> ModelConfig:
+    """The trained model's architecture; a fine-tuned pretrained vision tower starts again from its original
+    checkpoint (the saved ``vision_model/`` holds the tuned weights). A frozen one is the same either way."""
+    if cfg.vision.pretrained and pretrained and not cfg.vision.freeze:
+        return cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"pretrained": pretrained})})
+    return cfg
 
 
 def run(params: Params) -> dict:
@@ -37,7 +45,8 @@ def run(params: Params) -> dict:
         cache = TextStates(open_active(params.cache.root, cache_fields(base_dir, trained.cfg.text, params.cache.dtype)))
     models = {"trained": trained}
     if params.evaluate.compare_untrained:
-        models["untrained"] = MultiPromptCLIP.from_base(base_dir, trained.cfg, seed=params.seed).eval()
+        twin = _untrained_twin(trained.cfg, params.model.vision.pretrained)
+        models["untrained"] = MultiPromptCLIP.from_base(base_dir, twin, seed=params.seed).eval()
     results = {name: evaluate_model(m, data_root, TextEmbedder(m, cache, batch_size), ks)
                for name, m in models.items()}
     report = {name: flat_metrics(r) for name, r in results.items()}

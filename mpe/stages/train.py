@@ -23,6 +23,7 @@ from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
 from mpe.tracking import log_trained_model
 from mpe.tracking_settings import tracking_settings
 from mpe.train_worker import TrainJob, build_model, fit
+from mpe.vision.pretrained import transform_of
 
 
 def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
@@ -72,11 +73,15 @@ def run(params: Params) -> dict:
     logged = {"seed": params.seed, "base_model": params.base_model.model_dump(mode="json"),
               "model": params.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
               "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}}
-    job = TrainJob(seed=params.seed, model=params.model.model_dump(mode="json"), train=tcfg.model_dump(mode="json"),
+    model_cfg = params.model.model_dump(mode="json")
+    if params.model.vision.pretrained:  # Ray workers run in their own working folder
+        model_cfg["vision"]["pretrained"] = str(Path(params.model.vision.pretrained).resolve())
+    job = TrainJob(seed=params.seed, model=model_cfg, train=tcfg.model_dump(mode="json"),
                    base_dir=str(base_dir), trust_remote_code=params.base_model.trust_remote_code,
                    provenance={"base_model": source_label(params.base_model)}, total_steps=total,
                    stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
                            "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
+                           "image_transform": transform_of(params.model.vision).to_json(),
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
                    tracking=asdict(settings), logged_params=logged, run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())}, run_name=run_name,
                    run_dir=str(ray_storage / run_name))
