@@ -222,15 +222,32 @@ class ShapesConfig(_Strict):
     aspect_probes: int = Field(0, ge=0, description="test captions given one-aspect-changed variants (per-prompt analysis)")
 
 
+IMG2DATASET_DISALLOWED = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's own default
+
+
+class MetadataFilterConfig(_Strict):
+    """Filters on LAION's metadata columns, applied to a URL list before anything is downloaded; ``null``
+    leaves a filter off. A filter set on a list without its column is an error naming the file."""
+
+    min_similarity: float | None = Field(None, description="lowest CLIP image-text similarity (column similarity)")
+    max_punsafe: float | None = Field(None, ge=0, le=1, description="highest NSFW probability (column punsafe)")
+    max_pwatermark: float | None = Field(None, ge=0, le=1, description="highest watermark probability (pwatermark)")
+    min_image_size: int | None = Field(None, ge=1, description="smallest min(WIDTH, HEIGHT) in pixels")
+    max_aspect_ratio: float | None = Field(None, ge=1, description="largest max(WIDTH, HEIGHT) / min(WIDTH, HEIGHT)")
+
+
 class DataConfig(_Strict):
     """Where images and captions come from and how img2dataset downloads them."""
 
     source: Literal["shapes", "url_list"] = "shapes"
-    url_list: str | None = Field(None, description="parquet or csv with a URL and a caption column")
+    url_list: str | None = Field(None, description="parquet or csv with a URL and a caption column, or a folder "
+                                                  "or glob of parts (each part is downloaded once, on its own)")
     url_col: str = "URL"
     caption_col: str = "TEXT"
     encoding: str = Field("utf-8", description="text encoding of a CSV/TSV URL list")
-    test_fraction: float = Field(0.02, gt=0, lt=1, description="url_list only: rows kept for evaluation")
+    test_fraction: float = Field(0.02, gt=0, lt=1, description="url_list only: rows kept for evaluation, chosen "
+                                                                "by a hash of the URL (stable as parts are added)")
+    filters: MetadataFilterConfig = MetadataFilterConfig()
     out_dir: str = "data"
     image_size: int = Field(64, ge=8)
     samples_per_shard: int = Field(500, ge=1)
@@ -239,7 +256,11 @@ class DataConfig(_Strict):
     distributor: Literal["multiprocessing", "ray", "pyspark"] = "multiprocessing"
     timeout: int = Field(10, ge=1)
     retries: int = Field(0, ge=0)
-    min_success_rate: float = Field(0.9, ge=0, le=1)
+    min_success_rate: float = Field(0.9, ge=0, le=1, description="of all rows of the run; below it the stage stops")
+    max_image_area: float = Field(4e7, gt=0, description="decoded images of more pixels are dropped "
+                                                         "(img2dataset's 'image area too large')")
+    disallowed_header_directives: list[str] = Field(
+        IMG2DATASET_DISALLOWED, description="X-Robots-Tag directives that exclude an image; [] honours none")
     skip_corrupt_shards: bool = Field(False, description="leave out (and count) shards whose size differs from "
                                                           "what the data stage recorded, instead of stopping")
     shapes: ShapesConfig = ShapesConfig()

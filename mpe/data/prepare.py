@@ -1,8 +1,10 @@
 """The data stage: URL lists → img2dataset → webdataset shards, with per-split stats and a floor.
 
 The synthetic default writes the shapes world as image files plus ``file://`` URL lists and then
-takes exactly the path a LAION parquet takes. img2dataset's incremental mode resumes a stopped
-download; a change of parameters starts the split afresh (its fingerprint is kept beside it).
+takes the path a LAION parquet takes. A user's URL list comes in parts (a file, a folder, a glob): each
+part is filtered, split by a hash of the URL, and downloaded on its own into ``<part>-<n>`` shards, so a
+new part adds shards and never changes those there. img2dataset's incremental mode resumes a stopped
+download; a change of parameters starts that download afresh (its fingerprint is kept beside it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from mpe.config import DataConfig
 from mpe.data.canonical_shards import canonicalize_folder
 from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
 from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
-from mpe.data.url_list import read_url_list
-from mpe.data.stats import STATS_FILE, shard_manifest, shard_stats
+from mpe.data.metadata_filter import filter_rows
+from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
+from mpe.data.stats import STATS_FILE, by_class, shard_manifest, shard_stats
 from mpe.errors import DataError
 from mpe.hashing import file_sha256, fingerprint
 
@@ -101,18 +104,29 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     return lists
 
 
-def split_url_list(cfg: DataConfig, seed: int, out: Path) -> tuple[dict[str, Path], dict]:
-    """A user URL list split into train and test (``test_fraction`` of the rows)."""
-    df, report = read_url_list(cfg.url_list, cfg.url_col, cfg.caption_col, cfg.encoding)
-    order = list(range(len(df)))
-    random.Random(seed).shuffle(order)
-    n_test = max(1, int(round(cfg.test_fraction * len(df))))
-    df["id"] = [f"row-{i:09d}" for i in range(len(df))]
-    parts = {"test": df.iloc[sorted(order[:n_test])], "train": df.iloc[sorted(order[n_test:])]}
-    lists = {}
-    for split, part in parts.items():
-        lists[split] = out / "url_lists" / f"{split}.parquet"
-        _write_parquet(part, lists[split])
+def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path]], dict]:
+    """Each part of a user URL list filtered by its metadata and split into train and test by a hash of
+    the URL; returns ``{part: {split: list file}}`` (a split a part has no row of is left out) and a report
+    per part."""
+    lists: dict[str, dict[str, Path]] = {}
+    report: dict[str, dict] = {}
+    for path in list_parts(cfg.url_list):
+        df, rep = read_url_list(path, cfg.url_col, cfg.caption_col, cfg.encoding)
+        df, rep["filtered"] = filter_rows(df, cfg.filters, path)
+        df["id"] = [f"{path.stem}:{i}" for i in range(len(df))]
+        test = evaluation_rows(df["URL"], cfg.test_fraction)
+        lists[path.stem] = {}
+        for split, rows in (("train", df[~test]), ("test", df[test])):
+            rep[split] = int(len(rows))
+            if len(rows):
+                lists[path.stem][split] = out / "url_lists" / split / f"{path.stem}.parquet"
+                _write_parquet(rows, lists[path.stem][split])
+        report[path.stem] = rep
+    for split in ("train", "test"):
+        if not any(split in p for p in lists.values()):
+            raise DataError(f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
+                            f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "
+                            f"{cfg.test_fraction})")
     return lists, report
 
 
@@ -128,19 +142,37 @@ def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: li
              processes_count=cfg.processes, thread_count=cfg.threads,
              number_sample_per_shard=cfg.samples_per_shard, distributor=cfg.distributor,
              timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
+             max_image_area=cfg.max_image_area, disallowed_header_directives=list(cfg.disallowed_header_directives),
              enable_wandb=False, compute_hash=None)
     canonicalize_folder(out)
     return shard_stats(out)
 
 
-def check_success(split: str, stats: dict, floor: float, folder: Path) -> None:
-    if stats["count"] == 0:
-        raise DataError(f"{folder}: img2dataset wrote no stats for split '{split}'")
-    if stats["success_rate"] < floor:
-        by_status = ", ".join(f"{k}: {v}" for k, v in sorted(stats["status"].items()))
-        raise DataError(f"split '{split}': {stats['successes']}/{stats['count']} images downloaded "
-                        f"({stats['success_rate']:.1%} < data.min_success_rate {floor:.0%}); by status: "
-                        f"{by_status}. Per-row errors: {folder}/*.parquet (column error_message)")
+def total_stats(splits: dict[str, dict]) -> dict:
+    """The counts of every split together: the whole run's outcomes by status and by status class."""
+    total = {"count": 0, "successes": 0, "status": {}}
+    for s in splits.values():
+        total["count"] += s["count"]
+        total["successes"] += s["successes"]
+        for k, v in s["status"].items():
+            total["status"][k] = total["status"].get(k, 0) + v
+    total["success_rate"] = total["successes"] / total["count"] if total["count"] else 0.0
+    total["status_class"] = by_class(total["status"])
+    return total
+
+
+def check_success(stats: dict, floor: float, out: Path) -> None:
+    """Stop the stage when fewer than ``floor`` of all rows were downloaded, with the counts by class."""
+    for split, s in stats["splits"].items():
+        if s["count"] == 0:
+            raise DataError(f"{out / 'shards' / split}: img2dataset wrote no stats for split '{split}'")
+    total = stats["outcomes"]
+    if total["success_rate"] < floor:
+        classes = ", ".join(f"{k}: {v}" for k, v in total["status_class"].items())
+        messages = "; ".join(f"{k}: {v}" for k, v in sorted(total["status"].items(), key=lambda kv: -kv[1])[:8])
+        raise DataError(f"{total['successes']}/{total['count']} images downloaded ({total['success_rate']:.1%} < "
+                        f"data.min_success_rate {floor:.0%}); by status class: {classes} (messages: {messages}). "
+                        f"Per-row errors: {out / 'shards'}/<split>/*.parquet (column error_message)")
 
 
 def repair_shards(folder: Path, manifest: dict[str, dict]) -> list[str]:
@@ -156,6 +188,98 @@ def repair_shards(folder: Path, manifest: dict[str, dict]) -> list[str]:
     return bad
 
 
+# what the shards of a list depend on besides the list itself (where they go, how fast, and what is
+# accepted afterwards do not change what is fetched)
+NOT_FETCH = {"out_dir", "processes", "threads", "distributor", "skip_corrupt_shards", "min_success_rate", "url_list",
+             "filters", "test_fraction", "url_col", "caption_col", "encoding"}
+
+
+def _download_fingerprint(cfg: DataConfig, url_list: Path) -> str:
+    return fingerprint({"cfg": cfg.model_dump(exclude=NOT_FETCH), "list": file_sha256(url_list)})
+
+
+def _part_files(folder: Path, part: str) -> list[Path]:
+    """The shard files (tar, parquet, stats) of one part in a split folder: ``<part>-<n>.tar`` etc."""
+    prefix = part + "-"
+    return [f for f in folder.iterdir() if f.name.startswith(prefix) and f.name[len(prefix):].split(".")[0]
+            .removesuffix("_stats").isdigit()]
+
+
+def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: DataConfig) -> str:
+    """One part of one split: kept when its marker ``<part>.fingerprint`` records these inputs and the
+    shards' bytes are those it records, else downloaded by img2dataset into ``staging`` (incremental: a
+    killed run resumes there) and moved into ``folder`` as ``<part>-<shard>``. Returns "kept" or
+    "downloaded"."""
+    fp = _download_fingerprint(cfg, url_list)
+    marker = folder / f"{part}.fingerprint"
+    mine = {f.name: f for f in _part_files(folder, part)}
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        tars = {n: f for n, f in mine.items() if n.endswith(".tar")}
+        if record["fingerprint"] == fp and set(tars) == set(record["shards"]) and all(
+                f.stat().st_size == record["shards"][n]["size"] and file_sha256(f) == record["shards"][n]["sha256"]
+                for n, f in tars.items()):
+            return "kept"
+    marker.unlink(missing_ok=True)
+    for f in mine.values():
+        f.unlink()
+    stage_marker = staging / ".fingerprint"
+    if staging.exists() and (not stage_marker.exists() or stage_marker.read_text() != fp):
+        shutil.rmtree(staging)  # a download of other inputs: never mix
+    staging.mkdir(parents=True, exist_ok=True)
+    write_text(stage_marker, fp)
+    download_split(url_list, staging, cfg, ["id"])
+    for f in sorted(staging.iterdir()):
+        if f.is_file() and f.suffix in (".tar", ".parquet", ".json"):
+            os.replace(f, folder / f"{part}-{f.name}")
+    shards = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+              for f in _part_files(folder, part) if f.suffix == ".tar"}
+    write_json(marker, {"fingerprint": fp, "shards": shards})  # written last: a part is whole only with it
+    shutil.rmtree(staging)
+    return "downloaded"
+
+
+def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dict]:
+    """Every part of a URL list into ``shards/<split>``, parts already there kept; returns the splits,
+    the list report and what happened to each part."""
+    lists, report = split_url_list(cfg, out)
+    parts: dict[str, dict[str, str]] = {}
+    for split in ("train", "test"):
+        folder = out / "shards" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = {f"{p}-" for p, s in lists.items() if split in s} | {f"{p}.fingerprint" for p, s in lists.items() if split in s}
+        for f in folder.iterdir():  # shards of parts no longer listed, or of another source
+            if not any(f.name.startswith(m) for m in mine):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+        for part, by_split in lists.items():
+            if split in by_split:
+                what = download_part(part, by_split[split], folder, out / "downloads" / split / part, cfg)
+                parts.setdefault(part, {})[split] = what
+    shutil.rmtree(out / "downloads", ignore_errors=True)
+    for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
+        write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
+    return ["train", "test"], report, parts
+
+
+def _download_shapes(cfg: DataConfig, seed: int, out: Path, previous: dict, repaired: dict) -> list[str]:
+    """The shapes world's splits, each one img2dataset folder resumed in place."""
+    lists = write_shapes_world(cfg, seed, out)
+    for split, url_list in lists.items():
+        folder = out / "shards" / split
+        fp = _download_fingerprint(cfg, url_list)
+        marker = folder / ".fingerprint"
+        if folder.exists() and (not marker.exists() or marker.read_text() != fp):
+            shutil.rmtree(folder)  # different inputs: never mix shards of two configurations
+        elif folder.exists():
+            bad = repair_shards(folder, previous.get("splits", {}).get(split, {}).get("shards", {}))
+            if bad:
+                repaired[split] = bad
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(marker, fp)
+        download_split(url_list, folder, cfg, EXTRA_COLUMNS)
+    return list(lists)
+
+
 def prepare_data(cfg: DataConfig, seed: int) -> dict:
     """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats.
 
@@ -167,36 +291,18 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / STATS_FILE).read_text()) if (out / STATS_FILE).exists() else {}
     (out / STATS_FILE).unlink(missing_ok=True)
-    report = {}
+    stats = {"source": cfg.source, "url_list_report": {}, "parts": {}, "splits": {}, "repaired_shards": {}}
     if cfg.source == "shapes":
-        lists = write_shapes_world(cfg, seed, out)
-        extra = EXTRA_COLUMNS
+        splits = _download_shapes(cfg, seed, out, previous, stats["repaired_shards"])
     else:
-        lists, report = split_url_list(cfg, seed, out)
-        extra = ["id"]
-        for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
-            write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
-    for stale in (out / "shards").glob("*") if (out / "shards").exists() else []:
-        if stale.is_dir() and stale.name not in lists:
+        splits, stats["url_list_report"], stats["parts"] = _download_url_list(cfg, out)
+    for stale in (out / "shards").glob("*"):
+        if stale.is_dir() and stale.name not in splits:
             shutil.rmtree(stale)  # a split this configuration does not have
-    stats = {"source": cfg.source, "url_list_report": report, "splits": {}, "repaired_shards": {}}
-    for split, url_list in lists.items():
-        folder = out / "shards" / split
-        # where the data lives and how many processes fetch it do not change what is fetched
-        what = cfg.model_dump(exclude={"out_dir", "processes", "threads", "distributor", "skip_corrupt_shards"})
-        fp = fingerprint({"cfg": what, "seed": seed, "list": file_sha256(url_list)})
-        marker = folder / ".fingerprint"
-        if folder.exists() and (not marker.exists() or marker.read_text() != fp):
-            shutil.rmtree(folder)  # different inputs: never mix shards of two configurations
-        elif folder.exists():
-            repaired = repair_shards(folder, previous.get("splits", {}).get(split, {}).get("shards", {}))
-            if repaired:
-                stats["repaired_shards"][split] = repaired
-        folder.mkdir(parents=True, exist_ok=True)
-        write_text(marker, fp)
-        s = download_split(url_list, folder, cfg, extra)
-        check_success(split, s, cfg.min_success_rate, folder)
-        s["shards"] = shard_manifest(folder)
-        stats["splits"][split] = s
+    for split in splits:
+        stats["splits"][split] = shard_stats(out / "shards" / split)
+        stats["splits"][split]["shards"] = shard_manifest(out / "shards" / split)
+    stats["outcomes"] = total_stats(stats["splits"])
+    check_success(stats, cfg.min_success_rate, out)
     write_json(out / STATS_FILE, stats)
     return stats

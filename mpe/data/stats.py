@@ -1,4 +1,5 @@
-"""The data stage's counts: img2dataset's per-shard stats summed per split, and ``stats.json``."""
+"""The data stage's counts: img2dataset's per-shard stats summed per split, its status messages grouped
+into classes, and ``stats.json``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,37 @@ from mpe.errors import DataError, StageInputError
 STATS_FILE = "stats.json"
 
 
+# img2dataset reports each failure by its exception's text; (class, substrings of the lower-cased text)
+STATUS_CLASSES = (
+    ("http_4xx", ("http error 4",)),
+    ("http_5xx", ("http error 5",)),
+    ("timeout", ("timed out",)),
+    ("opted_out", ("x-robots-tag",)),
+    ("truncated", ("incompleteread", "incomplete read")),
+    ("not_an_image", ("image decoding error",)),
+    ("image_too_large", ("image area too large",)),
+    ("image_size_filtered", ("image too small", "aspect ratio too large")),
+    ("bad_url", ("unknown url type", "no host given")),
+    ("connection", ("urlopen error", "connection", "remote end closed", "no such file")),
+)
+
+
+def status_class(message: str) -> str:
+    """The class of one img2dataset status or error message (``other`` when none fits)."""
+    text = message.lower()
+    if text == "success":
+        return "success"
+    return next((name for name, needles in STATUS_CLASSES if any(n in text for n in needles)), "other")
+
+
+def by_class(status: dict[str, int]) -> dict[str, int]:
+    """Status counts summed by class."""
+    out: dict[str, int] = {}
+    for message, n in status.items():
+        out[status_class(message)] = out.get(status_class(message), 0) + n
+    return dict(sorted(out.items()))
+
+
 def shard_stats(folder: Path) -> dict:
     """Sum img2dataset's ``*_stats.json`` files: counts, successes and every status."""
     total = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "status": {}}
@@ -21,6 +53,7 @@ def shard_stats(folder: Path) -> dict:
         for status, n in (s.get("status_dict") or {}).items():
             total["status"][status] = total["status"].get(status, 0) + int(n)
     total["success_rate"] = total["successes"] / total["count"] if total["count"] else 0.0
+    total["status_class"] = by_class(total["status"])
     return total
 
 

@@ -1,7 +1,10 @@
-"""URL lists (LAION-style parquet or csv with a URL and a caption column): reading and validation."""
+"""URL lists (LAION-style parquet or csv with a URL and a caption column): finding their parts, reading
+and validation, and the stable train/test assignment of their rows."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +52,10 @@ def read_url_list(path: str | Path, url_col: str, caption_col: str,
     if not path.exists():
         raise DataError(f"{path}: URL list not found")
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        try:
+            df = pd.read_parquet(path)
+        except Exception as err:  # pyarrow names no file: a damaged part among many must be named
+            raise DataError(f"{path}: not a readable parquet file ({err})") from None
     elif path.suffix in (".csv", ".tsv"):
         try:
             df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False,
@@ -78,3 +84,44 @@ def read_url_list(path: str | Path, url_col: str, caption_col: str,
     if report["kept"] == 0:
         raise DataError(f"{path}: no row has both a URL ('{url_col}') and a caption ('{caption_col}')")
     return out.reset_index(drop=True), report
+
+
+LIST_SUFFIXES = (".parquet", ".csv", ".tsv")
+
+
+def list_parts(spec: str | Path) -> list[Path]:
+    """The parts of a URL list: the file itself, every parquet/csv/tsv file of a folder, or the files a glob
+    matches; sorted by name. A part is named by its file stem, so two parts may not share one."""
+    spec = str(spec)
+    if Path(spec).is_dir():
+        parts = sorted(p for p in Path(spec).iterdir() if p.is_file() and p.suffix in LIST_SUFFIXES)
+        if not parts:
+            raise DataError(f"{spec}: folder holds no URL list part ({', '.join(LIST_SUFFIXES)})")
+    elif glob.has_magic(spec):
+        parts = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+        if not parts:
+            raise DataError(f"{spec}: the glob matches no URL list part")
+    else:
+        return [Path(spec)]
+    seen: dict[str, Path] = {}
+    for p in parts:
+        if p.stem in seen:
+            raise DataError(f"{p}: part name '{p.stem}' also used by {seen[p.stem]}; parts need distinct file names")
+        seen[p.stem] = p
+    return parts
+
+
+def url_fraction(url: str) -> float:
+    """A URL's place in [0, 1), from its sha256: the same on every machine and run."""
+    return int.from_bytes(hashlib.sha256(url.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def evaluation_rows(urls: pd.Series, fraction: float) -> pd.Series:
+    """Which rows of a part are kept for evaluation: those whose URL hash falls below ``fraction``, so a row's
+    split never depends on the other rows or parts. A part of two or more rows where no hash does gives
+    its lowest-hash row, so every part adds to the evaluation set."""
+    where = urls.map(url_fraction)
+    test = where < fraction
+    if len(urls) > 1 and not test.any():
+        test[where.idxmin()] = True
+    return test

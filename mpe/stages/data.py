@@ -1,5 +1,5 @@
-"""Stage ``data``: the URL lists (the synthetic shapes world, or a user's LAION-style list) downloaded by
-img2dataset into webdataset shards; per-split stats, and a floor on the success rate."""
+"""Stage ``data``: the URL lists (the synthetic shapes world, or a user's LAION-style list in parts) downloaded
+by img2dataset into webdataset shards; outcomes by status class, and a floor on the success rate."""
 
 from __future__ import annotations
 

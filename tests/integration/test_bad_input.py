@@ -49,7 +49,7 @@ def test_empty_captions_are_dropped_and_reported(tmp_path):
     caps = ["a red circle", "", "a blue square", "   ", "a star", "a cross", "a heart", "a triangle"]
     pd.DataFrame({"url": urls, "caption": caps}).to_parquet(tmp_path / "l.parquet")
     stats = prepare_data(_cfg(tmp_path, tmp_path / "l.parquet", url_col="url", caption_col="caption"), 0)
-    rep = stats["url_list_report"]
+    rep = stats["url_list_report"]["l"]  # per part, named by its file stem
     assert rep["empty_caption"] == 2 and rep["empty_caption_rows"] == [1, 3] and rep["kept"] == 6
     total = sum(s["successes"] for s in stats["splits"].values())
     assert total == 6
