@@ -6,7 +6,7 @@ Errors name the file and the dotted key (``params.yaml: model.text.num_prompts: 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -329,6 +329,58 @@ class TrainConfig(_Strict):
     threads_per_worker: int | None = None
 
 
+class _Benchmark(_Strict):
+    """One standard benchmark read from local files; ``name`` prefixes its metric keys (``<name>.<metric>``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="used in metric keys: letters, digits, _ and -")
+    path: str
+
+
+class KarpathyBenchmark(_Benchmark):
+    """Flickr30k / MSCOCO in Karpathy's JSON (``dataset_flickr30k.json``, ``dataset_coco.json``)."""
+
+    kind: Literal["karpathy"]
+    image_root: str | None = Field(None, description="image folder (COCO: holding filepath/); default the JSON's folder")
+    split: str = "test"
+
+
+class ClipBenchmarkWds(_Benchmark):
+    """CLIP_benchmark's webdataset retrieval layout: ``path/<split>/nshards.txt`` and ``0.tar`` …"""
+
+    kind: Literal["clip_benchmark_wds"]
+    split: str = "test"
+
+
+class ImageFolderBenchmark(_Benchmark):
+    """Zero-shot classification over ``path/<class>/*.jpg`` (torchvision ImageFolder layout)."""
+
+    kind: Literal["image_folder"]
+    classnames: str | None = Field(None, description="a .json {folder: name} or a .txt of names in sorted folder order")
+    templates: list[str] = Field(["a photo of a {c}."], min_length=1, description="'{c}' is the class name")
+    templates_file: str | None = Field(None, description="one template per line; replaces templates")
+    top_k: list[int] = Field([1, 5], min_length=1, description="accuracies reported (k above the class count: left out)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageFolderBenchmark":
+        bad = [t for t in self.templates if "{c}" not in t]
+        if bad:
+            raise ValueError(f"every template must contain '{{c}}' (the class name): {bad}")
+        if any(k < 1 for k in self.top_k):
+            raise ValueError("top_k entries must be >= 1")
+        return self
+
+
+class NegBenchMcq(_Benchmark):
+    """NegBench's multiple-choice CSV: ``image_path``, ``caption_0`` … ``caption_N``, ``correct_answer``."""
+
+    kind: Literal["negbench_mcq"]
+    image_root: str | None = Field(None, description="relative image paths start here; default the CSV's folder")
+
+
+Benchmark = Annotated[Union[KarpathyBenchmark, ClipBenchmarkWds, ImageFolderBenchmark, NegBenchMcq],
+                      Field(discriminator="kind")]
+
+
 class EvalConfig(_Strict):
     out_dir: str = "metrics"
     plots_dir: str = "plots"
@@ -336,13 +388,23 @@ class EvalConfig(_Strict):
     ks: list[int] = [1, 5, 10]
     compare_untrained: bool = True
     splits: list[Literal["test", "val"]] = Field(["test"], description="splits evaluated (val: for choices)")
+    benchmarks: list[Benchmark] = Field([], description="standard benchmarks from local files (README)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        names = [b.name for b in self.benchmarks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"benchmark names must be unique (they prefix metric keys): {dup}")
+        return self
 
 
 class RegisterConfig(_Strict):
     """MLflow model registry and the promotion gate."""
 
     model_name: str = "mpe-multiprompt"
-    gate_metric: str = Field("mean_recall", description="mean_recall, or a key of metrics/eval.json's 'trained'")
+    gate_metric: str = Field("mean_recall", description="mean_recall (the test split's R@k), or a key of "
+                                                        "metrics/eval.json's 'trained' (a benchmark's: <name>.<metric>)")
     margin: float = Field(0.005, ge=0)
 
 

@@ -8,8 +8,8 @@ import json
 from typing import Callable
 
 from mpe.config import RegisterConfig
-from mpe.promotion_gate import decide, gate_score
-from mpe.tracking import use
+from mpe.promotion_gate import decide, gate_score, is_benchmark_metric
+from mpe.tracking import mlflow_key, use
 from mpe.tracking_settings import TrackingSettings
 
 
@@ -27,11 +27,12 @@ def register_and_gate(settings: TrackingSettings, cfg: RegisterConfig, model_uri
                 "promoted": False, "skipped": True,
                 "reason": f"this model (dvc md5 {lineage['dvc.model']}) is already version {same.version}",
                 "score": None, "champion_score": None, "previous_champion_version": None}
+    score = gate_score(new_metrics, cfg.gate_metric)  # a gate metric that names no metric fails before registering
     version = mlflow.register_model(model_uri, cfg.model_name)
     for k, v in lineage.items():
         client.set_model_version_tag(cfg.model_name, version.version, k, "" if v is None else str(v))
-    score = gate_score(new_metrics, cfg.gate_metric)
-    client.set_model_version_tag(cfg.model_name, version.version, f"eval.{cfg.gate_metric}", f"{score:.6f}")
+    gate_tag = mlflow_key(f"eval.{cfg.gate_metric}")  # a gate on an R@k names an '@', which tags refuse
+    client.set_model_version_tag(cfg.model_name, version.version, gate_tag, f"{score:.6f}")
     client.set_model_version_tag(cfg.model_name, version.version, "eval.metrics", json.dumps(new_metrics)[:4900])
     champion_score, champion_version = None, None
     try:
@@ -40,9 +41,11 @@ def register_and_gate(settings: TrackingSettings, cfg: RegisterConfig, model_uri
         champ = None
     if champ is not None and str(champ.version) != str(version.version):
         champion_version = str(champ.version)
-        same_test = champ.tags.get("test_set_sha256") == lineage.get("test_set_sha256")
-        if same_test and f"eval.{cfg.gate_metric}" in champ.tags:
-            champion_score = float(champ.tags[f"eval.{cfg.gate_metric}"])
+        # the test-set hash covers the default test split only: a benchmark's score is always re-measured
+        same_test = (champ.tags.get("test_set_sha256") == lineage.get("test_set_sha256")
+                     and not is_benchmark_metric(cfg.gate_metric))
+        if same_test and gate_tag in champ.tags:
+            champion_score = float(champ.tags[gate_tag])
         elif evaluate_champion is not None:
             champion_score = gate_score(evaluate_champion(f"models:/{cfg.model_name}@champion"), cfg.gate_metric)
     promote, reason = decide(score, champion_score, cfg.margin)

@@ -61,11 +61,16 @@ def end_run() -> None:
     mlflow.end_run()
 
 
+def mlflow_key(name: str) -> str:
+    """A metric or tag name as MLflow accepts it: ``@`` is not allowed there and becomes ``_at_``."""
+    return name.replace("@", "_at_")
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Log to the active run; ``@`` is not allowed in MLflow names and becomes ``_at_``."""
+    """Log to the active run, names through :func:`mlflow_key`."""
     import mlflow
 
-    mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()}, step=step)
+    mlflow.log_metrics({mlflow_key(k): v for k, v in metrics.items()}, step=step)
 
 
 def log_to_run(settings: TrackingSettings, run_id: str, metrics: dict[str, float] | None = None,

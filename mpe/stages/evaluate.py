@@ -1,6 +1,7 @@
 """Stage ``evaluate``: the trained model and its untrained twin (same architecture and trunk) on the
-test split, the negation set and the zero-shot tasks, against chance; plots; the numbers and plots added
-to the MLflow run that trained the model."""
+test split, the negation set and the zero-shot tasks, against chance; the trained model on the standard
+benchmarks of ``evaluate.benchmarks`` (``<name>.<metric>`` keys); plots; the numbers and plots added to the
+MLflow run that trained the model."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from mpe import storage
 from mpe.atomic import write_json
+from mpe.benchmark_sets.scoring import benchmark_metrics, read_benchmarks
 from mpe.cache_compute import cache_fields
 from mpe.cache_store import TextStates, open_active
 from mpe.config import ModelConfig, Params
@@ -39,6 +41,7 @@ def run(params: Params) -> dict:
     metrics_dir, plots = Path(params.evaluate.out_dir), Path(params.evaluate.plots_dir)
     for split in {"test", *params.evaluate.splits}:
         verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
+    benchmarks = read_benchmarks(params.evaluate.benchmarks)  # a missing or malformed file fails before models load
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     cache = None
     if params.cache.enabled and isinstance(trained.text, LLMTextTower):
@@ -56,10 +59,14 @@ def run(params: Params) -> dict:
         if split != "test":
             r = evaluate_split(trained, data_root, split, TextEmbedder(trained, cache, batch_size), ks)
             report[split] = {"trained": {k: v for k, v in r[split].items() if "@" in k}}
+    if benchmarks:
+        flat, report["benchmarks"] = benchmark_metrics(trained, benchmarks, TextEmbedder(trained, cache, batch_size),
+                                                       ks, batch_size)
+        report["trained"].update(flat)
     report["details"] = results
     write_json(metrics_dir / "eval.json", report)
 
-    keys = [k for k in report["trained"] if not k.startswith("compositional_")]
+    keys = [k for k in report["trained"] if not k.startswith("compositional_") and "." not in k]  # test split only
     recall_bars({m: report[m] for m in ("trained", "untrained", "chance") if m in report}, keys,
                 plots / "recall.png", "test split: trained vs untrained vs chance")
     history = metrics_dir / "train_history.json"

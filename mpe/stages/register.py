@@ -8,12 +8,14 @@ from pathlib import Path
 
 from mpe import storage
 from mpe.atomic import write_json
+from mpe.benchmark_sets.scoring import benchmark_metrics, read_benchmarks
 from mpe.config import Params
 from mpe.errors import StageInputError
 from mpe.evaluation import TextEmbedder, evaluate_model, flat_metrics
 from mpe.hashing import checkpoint_sha256
 from mpe.lineage import lineage_tags
 from mpe.model import MultiPromptCLIP
+from mpe.promotion_gate import is_benchmark_metric
 from mpe.registry import register_and_gate
 from mpe.run_record import recorded_files
 from mpe.tracking import download_model_folder, log_to_run
@@ -31,10 +33,16 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
         raise StageInputError(f"{metrics_dir / 'train.json'} has no model_uri: the train stage logged no model")
     evaluation = json.loads((metrics_dir / "eval.json").read_text())
     ks, batch_size = tuple(params.evaluate.ks), params.evaluate.batch_size
+    gate = params.registry.gate_metric
+    # a gate on a benchmark re-measures the champion on that benchmark alone
+    gated = [b for b in params.evaluate.benchmarks if is_benchmark_metric(gate) and b.name == gate.split(".")[0]]
 
     def evaluate_champion(uri: str) -> dict:
+        sets = read_benchmarks(gated)
         model = MultiPromptCLIP.from_pretrained(download_model_folder(uri))
-        return flat_metrics(evaluate_model(model, data_root, TextEmbedder(model, None, batch_size), ks))
+        embed = TextEmbedder(model, None, batch_size)
+        metrics = flat_metrics(evaluate_model(model, data_root, embed, ks))
+        return {**metrics, **benchmark_metrics(model, sets, embed, ks, batch_size)[0]}
 
     base_dir = Path(params.base_model.out_dir)
     lineage = lineage_tags(
