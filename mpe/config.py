@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mpe.errors import ConfigError
 
@@ -225,6 +225,15 @@ class TrainConfig(_Strict):
     log_every: int = Field(5, ge=1)
     save_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     threads_per_worker: int | None = None
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_shared_folder(cls, v: str) -> str:
+        # Ray writes the checkpoints, but mpe resumes from the run folder (mpe.train_worker._restore).
+        if "://" in v:
+            raise ValueError(f"{v!r} is a URL: use a folder that every Ray node mounts at the same path "
+                             "(NFS, a cluster file system)")
+        return v
 
 
 class EvalConfig(_Strict):
