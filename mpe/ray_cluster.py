@@ -1,10 +1,11 @@
 """Starting or joining a Ray cluster, with nothing leaving the machine when it is local.
 
-Two of Ray's habits reach outside a laptop even with usage stats off, and are switched off here:
+Ray's habits that reach outside a laptop even with usage stats off are switched off here:
 - the dashboard process's usage module probes cloud metadata endpoints (169.254.169.254,
   metadata.google.internal) unless ``~/ray_bootstrap_config.yaml`` names a provider: the local
   cluster's processes get a HOME of their own that holds one (``provider: local``). A cluster joined
-  by ``ray.address`` was started by someone else, with their HOME: nothing of ours applies to it;
+  by ``ray.address`` was started by someone else, with their HOME: nothing of ours applies to it
+  (nodes that mpe's tests start get it from :func:`local_node_env`, with no usage report either);
 - torch's TCP rendezvous reverse-resolves ``::ffff:127.0.0.1`` through DNS: when every node is on this
   machine (the local cluster, or a joined one whose nodes are all on loopback) the process group meets
   through a file store instead (:class:`FileStoreTorchConfig`).
@@ -53,20 +54,28 @@ def local_ray_home() -> Path:
     return home
 
 
+# Even with usage stats off, the head of a cluster that ray.init did not start sends one "disabled" report
+# to usage-stats.ray.io (a DNS lookup at least): for nodes started here it goes to a closed loopback port.
+NO_REPORT_URL = "http://127.0.0.1:9/"
+
+
 @contextmanager
 def local_node_env():
-    """While Ray nodes are started on this machine: the HOME of :func:`local_ray_home`, which their
-    processes inherit (``MPE_HOME`` keeps what the user's HOME says); the HOME is restored after."""
-    old_home = os.environ.get("HOME")
+    """While Ray nodes are started on this machine: the HOME of :func:`local_ray_home` and a loopback usage
+    report URL, which their processes inherit (``MPE_HOME`` keeps what the user's HOME says); both are
+    restored after."""
     os.environ.setdefault("MPE_HOME", str(mpe_home()))
-    os.environ["HOME"] = str(local_ray_home())
+    changed = {"HOME": str(local_ray_home()), "RAY_USAGE_STATS_REPORT_URL": NO_REPORT_URL}
+    old = {k: os.environ.get(k) for k in changed}
+    os.environ.update(changed)
     try:
         yield
     finally:
-        if old_home is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = old_home
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def local_temp_dir() -> str:
