@@ -328,6 +328,15 @@ class TrainConfig(_Strict):
     save_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     threads_per_worker: int | None = None
 
+    @field_validator("storage_path")
+    @classmethod
+    def _a_shared_folder(cls, v: str) -> str:
+        # Ray writes the checkpoints, but mpe resumes from the run folder (mpe.train_worker._restore).
+        if "://" in v:
+            raise ValueError(f"{v!r} is a URL: use a folder that every Ray node mounts at the same path "
+                             "(NFS, a cluster file system)")
+        return v
+
 
 class _Benchmark(_Strict):
     """One standard benchmark read from local files; ``name`` prefixes its metric keys (``<name>.<metric>``)."""

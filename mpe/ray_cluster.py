@@ -1,12 +1,17 @@
 """Starting or joining a Ray cluster, with nothing leaving the machine when it is local.
 
-Two of Ray's habits reach outside a laptop even with usage stats off, and are switched off here for
-the local cluster only:
+Ray's habits that reach outside a laptop even with usage stats off are switched off here:
 - the dashboard process's usage module probes cloud metadata endpoints (169.254.169.254,
   metadata.google.internal) unless ``~/ray_bootstrap_config.yaml`` names a provider: the local
-  cluster's processes get a HOME of their own that holds one (``provider: local``);
-- torch's TCP rendezvous reverse-resolves ``::ffff:127.0.0.1`` through DNS: on one machine the
-  process group meets through a file store instead (:class:`FileStoreTorchConfig`).
+  cluster's processes get a HOME of their own that holds one (``provider: local``). A cluster joined
+  by ``ray.address`` was started by someone else, with their HOME: nothing of ours applies to it
+  (nodes that mpe's tests start get it from :func:`local_node_env`, with no usage report either);
+- torch's TCP rendezvous reverse-resolves ``::ffff:127.0.0.1`` through DNS: when every node is on this
+  machine (the local cluster, or a joined one whose nodes are all on loopback) the process group meets
+  through a file store instead (:class:`FileStoreTorchConfig`).
+
+What the local cluster does to the machine (loopback, its HOME, stopping a killed run's orphans) is
+done only for the local cluster: joining a cluster by address starts nothing and stops nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +43,8 @@ def prefer_loopback(cfg) -> None:
         os.environ.setdefault(LOOPBACK_ENV, "0")
 
 
-def _local_ray_home() -> Path:
+def local_ray_home() -> Path:
+    """A HOME whose ``ray_bootstrap_config.yaml`` names a local provider (no cloud probes)."""
     home = Path(tempfile.gettempdir()) / f"mpe-ray-home-{os.getuid()}"
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "ray_bootstrap_config.yaml"
@@ -45,6 +52,30 @@ def _local_ray_home() -> Path:
         cfg.write_text("# written by mpe: a local cluster, so Ray does not probe cloud metadata\n"
                        "provider:\n  type: local\n")
     return home
+
+
+# Even with usage stats off, the head of a cluster that ray.init did not start sends one "disabled" report
+# to usage-stats.ray.io (a DNS lookup at least): for nodes started here it goes to a closed loopback port.
+NO_REPORT_URL = "http://127.0.0.1:9/"
+
+
+@contextmanager
+def local_node_env():
+    """While Ray nodes are started on this machine: the HOME of :func:`local_ray_home` and a loopback usage
+    report URL, which their processes inherit (``MPE_HOME`` keeps what the user's HOME says); both are
+    restored after."""
+    os.environ.setdefault("MPE_HOME", str(mpe_home()))
+    changed = {"HOME": str(local_ray_home()), "RAY_USAGE_STATS_REPORT_URL": NO_REPORT_URL}
+    old = {k: os.environ.get(k) for k in changed}
+    os.environ.update(changed)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def local_temp_dir() -> str:
@@ -112,34 +143,39 @@ def ensure_ray(cfg) -> None:
     if not is_local(cfg):
         ray.init(address=cfg.address, log_to_driver=True)
         return
-    old_home = os.environ.get("HOME")
-    os.environ.setdefault("MPE_HOME", str(mpe_home()))  # what the user's HOME says, for Ray's processes too
-    os.environ["HOME"] = str(_local_ray_home())  # inherited by the processes ray.init starts
     temp_dir = local_temp_dir()
     stop_orphans(temp_dir)
     os.environ[MARKER] = temp_dir  # inherited by every process of the cluster: how a later run finds orphans
-    try:
+    with local_node_env():
         # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns
         # about that every second; Ray's own logs are kept to errors on the local cluster.
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=True, configure_logging=False, _temp_dir=temp_dir,
                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"))
-    finally:
-        if old_home is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = old_home
 
 
 def torch_config(cfg, use_gpu: bool, store_dir: Path):
-    """The TorchTrainer backend config: a file-store rendezvous on one machine, TCP on a cluster."""
+    """The TorchTrainer backend config: a file-store rendezvous when every node is on this machine, TCP
+    across machines."""
     from ray.train.torch import TorchConfig
 
     backend = "nccl" if use_gpu else "gloo"
-    if is_local(cfg):
+    if is_local(cfg) or _all_nodes_on_loopback():
         store_dir.mkdir(parents=True, exist_ok=True)
         return _file_store_config_cls()(backend=backend, store_dir=str(store_dir))
     return TorchConfig(backend=backend)
+
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _all_nodes_on_loopback() -> bool:
+    """Whether every live node of the joined cluster is on this machine (their workers all see the
+    rendezvous folder, and TCP would cost a DNS lookup)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return bool(nodes) and all(n.get("NodeManagerAddress") in LOOPBACK for n in nodes)
 
 
 def _file_store_config_cls():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -41,3 +43,35 @@ def has_intact_checkpoint(ray_results: Path) -> bool:
     from mpe.checkpoint import newest_intact
 
     return ray_results.is_dir() and any(newest_intact(d) for d in ray_results.glob("*") if d.is_dir())
+
+
+def copy_project(project, tmp: Path, **sections) -> Path:
+    """A copy of the session project's data, base model and cache under ``tmp``, with its params file."""
+    root, _ = project
+    for d in ("data", "models", "cache"):
+        if (root / d).exists():
+            shutil.copytree(root / d, tmp / d, symlinks=True)
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["data"]["out_dir"] = str(tmp / "data")
+    p["base_model"]["out_dir"] = str(tmp / "models" / "base")
+    p["cache"]["root"] = str(tmp / "cache")
+    p["train"].update(storage_path=str(tmp / "ray_results"), out_dir=str(tmp / "models" / "trained"),
+                      fail_at_step=None, max_steps=6, run_name="mpe-default", log_sample_keys=False)
+    p["evaluate"].update(out_dir=str(tmp / "metrics"), plots_dir=str(tmp / "plots"))
+    p["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "artifact_root": str(tmp / "mlartifacts")}
+    for section, values in sections.items():
+        p[section] = {**p.get(section, {}), **values}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
+    return tmp / "params.yaml"
+
+
+def local_cluster_dir(project_dir: Path) -> str:
+    """The folder of the local Ray cluster that an ``mpe`` command run in ``project_dir`` starts."""
+    from mpe.ray_cluster import local_temp_dir
+
+    cwd = os.getcwd()
+    os.chdir(project_dir)
+    try:
+        return local_temp_dir()
+    finally:
+        os.chdir(cwd)

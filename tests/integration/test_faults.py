@@ -19,29 +19,9 @@ import yaml
 from mpe.cli import main
 from mpe.config import load_params
 from mpe.hashing import file_sha256
-from tests.project_config import has_intact_checkpoint
+from tests.project_config import copy_project, has_intact_checkpoint, local_cluster_dir
 
 BIN = Path(sys.executable).parent
-
-
-def _copy(project, tmp: Path, **sections) -> Path:
-    """A copy of the session project's data, base model and cache under ``tmp``, with its params file."""
-    root, _ = project
-    for d in ("data", "models", "cache"):
-        if (root / d).exists():
-            shutil.copytree(root / d, tmp / d, symlinks=True)
-    p = yaml.safe_load((root / "params.yaml").read_text())
-    p["data"]["out_dir"] = str(tmp / "data")
-    p["base_model"]["out_dir"] = str(tmp / "models" / "base")
-    p["cache"]["root"] = str(tmp / "cache")
-    p["train"].update(storage_path=str(tmp / "ray_results"), out_dir=str(tmp / "models" / "trained"),
-                      fail_at_step=None, max_steps=6, run_name="mpe-default", log_sample_keys=False)
-    p["evaluate"].update(out_dir=str(tmp / "metrics"), plots_dir=str(tmp / "plots"))
-    p["mlflow"] = {"tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", "artifact_root": str(tmp / "mlartifacts")}
-    for section, values in sections.items():
-        p[section] = {**p.get(section, {}), **values}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
-    return tmp / "params.yaml"
 
 
 def _mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -59,7 +39,7 @@ def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
 def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp_path):
     from mpe.stages import data
 
-    params = _copy(project, tmp_path)
+    params = copy_project(project, tmp_path)
     data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
     shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[1]
     original = file_sha256(shard)
@@ -67,7 +47,7 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
         f.truncate(shard.stat().st_size // 2)
     _one_line_error(_mpe(params, "cache"), shard.name, "mpe data")
     _one_line_error(_mpe(params, "train"), shard.name, "mpe data")
-    skipping = _copy(project, tmp_path / "skip", data={"skip_corrupt_shards": True})
+    skipping = copy_project(project, tmp_path / "skip", data={"skip_corrupt_shards": True})
     bad = tmp_path / "skip" / "data" / "shards" / "train" / shard.name
     with open(bad, "r+b") as f:
         f.truncate(bad.stat().st_size // 2)
@@ -79,7 +59,7 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp_path):
-    params = _copy(project, tmp_path, train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2})
+    params = copy_project(project, tmp_path, train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2})
     assert _mpe(params, "train").returncode == 0
     run_dir = next((tmp_path / "ray_results").glob("mpe-default-*"))
     newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
@@ -97,7 +77,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp
 
 
 def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path, tiny_base_dir):
-    params = _copy(project, tmp_path)
+    params = copy_project(project, tmp_path)
     shutil.rmtree(tmp_path / "cache")
     _one_line_error(_mpe(params, "train"), "run `mpe cache` first")
     model = tmp_path / "model"
@@ -129,7 +109,7 @@ def test_an_unwritable_folder_is_named_not_a_temp_file(project, tmp_path, tiny_b
     if not _immutable(locked):
         pytest.skip("chattr +i is not permitted here")
     try:
-        params = _copy(project, tmp_path)
+        params = copy_project(project, tmp_path)
         run = _mpe(params, "model", "init", "--base", str(tiny_base_dir), "--out", str(locked / "m"))
         _one_line_error(run, f"{locked / 'm'}: permission denied")
         run = _mpe(params, "compare", "--out", str(locked / "compare.md"))
@@ -140,7 +120,7 @@ def test_an_unwritable_folder_is_named_not_a_temp_file(project, tmp_path, tiny_b
 
 
 def test_a_full_disk_stops_the_cache_with_its_name_and_keeps_finished_shards(project, tmp_path, monkeypatch):
-    params = _copy(project, tmp_path)
+    params = copy_project(project, tmp_path)
     shutil.rmtree(tmp_path / "cache")
     full = tmp_path / "cache"
     full.mkdir()
@@ -179,7 +159,7 @@ def test_a_failed_url_list_run_never_leaves_a_mix_in_use(project, tmp_path):
     from mpe.data.stats import read_stats
     from mpe.errors import DataError, StageInputError
 
-    params = _copy(project, tmp_path)
+    params = copy_project(project, tmp_path)
     data = tmp_path / "data"
     assert (data / "shards" / "negation").exists()
     urls = tmp_path / "list.parquet"
@@ -202,7 +182,7 @@ def test_written_files_get_the_modes_of_the_umask(tmp_path):
         write_text(tmp_path / "a.json", "{}")
         with atomic_dir(tmp_path / "folder") as d:
             (d / "inner.txt").write_text("x")
-        with atomic_local_copy(tmp_path / "shard.safetensors", ".safetensors") as t:
+        with atomic_localcopy_project(tmp_path / "shard.safetensors", ".safetensors") as t:
             t.write_bytes(b"x")
     finally:
         os.umask(old)
@@ -218,9 +198,7 @@ def _ray_processes(temp_dir: str) -> list[int]:
 
 
 def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(project, tmp_path):
-    from mpe.ray_cluster import local_temp_dir
-
-    params = _copy(project, tmp_path, train={"max_steps": 12, "checkpoint_every": 2, "log_sample_keys": True})
+    params = copy_project(project, tmp_path, train={"max_steps": 12, "checkpoint_every": 2, "log_sample_keys": True})
     proc = subprocess.Popen([str(BIN / "mpe"), "--params", str(params), "train"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -231,12 +209,7 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
         proc.send_signal(signal.SIGKILL)  # the driver alone, as `kill -9 <pid>` does
     finally:
         proc.wait()
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        temp_dir = local_temp_dir()
-    finally:
-        os.chdir(cwd)
+    temp_dir = local_cluster_dir(tmp_path)
     time.sleep(1)
     assert _ray_processes(temp_dir), "some of the killed driver's local cluster is left (what the rerun stops)"
     run = _mpe(params, "train")
