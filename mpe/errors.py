@@ -29,6 +29,11 @@ class StageInputError(MpeError):
     """A stage's input is missing or stale (e.g. train before cache); the message names the stage to run."""
 
 
+class ServiceError(MpeError):
+    """A local service (PostgreSQL, the MLflow tracking server) could not start or stop; the message says
+    why and where its log is."""
+
+
 class Interrupted(MpeError):
     """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
 
