@@ -242,6 +242,8 @@ class RegisterConfig(_Strict):
     model_name: str = "mpe-multiprompt"
     gate_metric: str = Field("mean_recall", description="mean_recall, or a key of metrics/eval.json's 'trained'")
     margin: float = Field(0.005, ge=0)
+    gate_wait_s: float = Field(900, gt=0, description="how long the gate waits for an earlier registration's "
+                               "decision before taking that registration as abandoned")
 
 
 class DvcConfig(_Strict):
