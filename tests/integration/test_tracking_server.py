@@ -4,6 +4,9 @@ and a second start reuses the running server."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import stat
 import subprocess
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from mpe.config import MlflowConfig
 from mpe.tracking_server import Layout, scram_verifier
+from mpe.tracking_settings import tracking_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,15 +71,21 @@ def test_a_second_start_finds_the_running_server(tracking_server):
 
 def test_scram_verifier_matches_rfc7677_test_vector():
     # RFC 7677 section 3: user "user", password "pencil", salt W22ZaJ0SNY7soEsUEjb6gQ==, 4096 iterations
-    import base64
-
     v = scram_verifier("pencil", base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ=="), 4096)
     server_key = v.rsplit(":", 1)[1]
     # ServerSignature in the RFC is HMAC(ServerKey, AuthMessage); check ServerKey through it
-    import hashlib
-    import hmac
-
     auth = (b"n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
             b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
     signature = hmac.new(base64.b64decode(server_key), auth, hashlib.sha256).digest()
     assert base64.b64encode(signature).decode() == "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+
+def test_with_a_tracking_server_the_server_keeps_the_artifacts_unless_the_root_is_a_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = tracking_settings(MlflowConfig(tracking_uri="sqlite:///mlruns.db", artifact_root="mlartifacts"))
+    assert local.tracking_uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert local.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    served = tracking_settings(MlflowConfig(tracking_uri="http://127.0.0.1:5000", artifact_root="mlartifacts"))
+    assert served.tracking_uri == "http://127.0.0.1:5000" and served.artifact_location is None
+    s3 = tracking_settings(MlflowConfig(tracking_uri="https://mlflow.example:443", artifact_root="s3://b/mlflow"))
+    assert s3.artifact_location == "s3://b/mlflow"
