@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: install test test-fast run ui bench clean
+.PHONY: install test test-fast run ui tracking-server tracking-server-stop bench clean
 
 install: $(STAMP)
 
@@ -52,6 +52,16 @@ ui: $(STAMP)
 	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000 & \
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
 	wait
+
+# A shared MLflow tracking server on a project-local PostgreSQL (.mlflow-pg/), on 127.0.0.1 only; then set
+# mlflow.tracking_uri: http://127.0.0.1:$(TRACKING_PORT) in params.yaml. Starting twice reuses it.
+TRACKING_DIR ?= .mlflow-pg
+TRACKING_PORT ?= 5000
+tracking-server: $(STAMP)
+	$(BIN)/mpe tracking-server start --dir $(TRACKING_DIR) --port $(TRACKING_PORT)
+
+tracking-server-stop:
+	$(BIN)/mpe tracking-server stop --dir $(TRACKING_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_encoder.py

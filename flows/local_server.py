@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mpe.errors import MpeError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mpe.tracking_server import free_port
 
 
 def _flush_logs() -> None:
@@ -44,7 +38,7 @@ def prefect_server(timeout: float = 120.0):
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    port = _free_port()
+    port = free_port()
     home = Path(os.environ.get("PREFECT_HOME", ".prefect"))
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "server.log", "ab")

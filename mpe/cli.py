@@ -124,17 +124,37 @@ def cmd_compare(args) -> None:
 
 def cmd_reproduce(args) -> None:
     from mpe.reproduce import reproduce
-    from mpe.tracking_settings import TrackingSettings, tracking_settings
+    from mpe.tracking_settings import tracking_settings
 
     params = _params(args, required=False)
     settings = tracking_settings(params.mlflow)
     if args.tracking_uri:
-        settings = TrackingSettings(args.tracking_uri, settings.artifact_location, settings.experiment)
+        settings = tracking_settings(params.mlflow.model_copy(update={"tracking_uri": args.tracking_uri}))
     if not args.version and not args.alias:
         raise ConfigError("mpe reproduce: name the version (--version N) or the alias (--alias champion)")
     result = reproduce(Path("."), settings, args.model or params.registry.model_name, args.version, args.alias,
                        args.only == "model")
     _print_json(result)
+
+
+def cmd_tracking_server(args) -> None:
+    from mpe import tracking_server
+
+    if args.action == "start":
+        state = tracking_server.start(args.dir, args.port, args.os_user, args.workers)
+        how = "already running" if state["already_running"] else "started"
+        print(f"MLflow tracking server {how}: {state['tracking_uri']} (PostgreSQL on 127.0.0.1:{state['pg_port']}, "
+              f"pid {state['pid']}, logs and artifacts in {args.dir}/)\n"
+              f"use it: mlflow.tracking_uri: {state['tracking_uri']} in params.yaml")
+    elif args.action == "stop":
+        stopped = tracking_server.stop(args.dir)
+        print("stopped " + ", ".join(stopped) if stopped else f"nothing was running in {args.dir}")
+    else:
+        state = tracking_server.status(args.dir)
+        if state is None:
+            print(f"not running ({args.dir})")
+            raise SystemExit(3)
+        _print_json(state)
 
 
 def cmd_reweight(args) -> None:
@@ -276,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--only", choices=["model"], help="pull the trained model alone (what a serving host needs)")
     rp.add_argument("--tracking-uri", help="the tracking store the model is registered in (default: params)")
     rp.set_defaults(func=cmd_reproduce)
+    ts = sub.add_parser("tracking-server", help="a local MLflow tracking server on PostgreSQL (start, stop, status)")
+    ts.add_argument("action", choices=["start", "stop", "status"])
+    ts.add_argument("--dir", default=".mlflow-pg", help="its folder: cluster, passfile, artifacts, logs")
+    ts.add_argument("--port", type=int, default=5000, help="the MLflow server's port on 127.0.0.1")
+    ts.add_argument("--os-user", help="as root: the unprivileged OS user that runs PostgreSQL (default postgres)")
+    ts.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
+    ts.set_defaults(func=cmd_tracking_server)
     rw = sub.add_parser("reweight", help="aspect weights chosen on the validation split, test gain")
     rw.add_argument("--model", help="model folder (default: train.out_dir)")
     rw.set_defaults(func=cmd_reweight)

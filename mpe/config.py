@@ -415,6 +415,8 @@ class RegisterConfig(_Strict):
     gate_metric: str = Field("mean_recall", description="mean_recall (the test split's R@k), or a key of "
                                                         "metrics/eval.json's 'trained' (a benchmark's: <name>.<metric>)")
     margin: float = Field(0.005, ge=0)
+    gate_wait_s: float = Field(900, gt=0, description="how long the gate waits for an earlier registration's "
+                               "decision before taking that registration as abandoned")
 
 
 class DvcConfig(_Strict):

@@ -33,6 +33,11 @@ class ProjectBusy(MpeError):
     """Another pipeline run holds the project's run lock; the message names it."""
 
 
+class ServiceError(MpeError):
+    """A local service (PostgreSQL, the MLflow tracking server) could not start or stop; the message says
+    why and where its log is."""
+
+
 class Interrupted(MpeError):
     """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
 

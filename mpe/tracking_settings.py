@@ -1,5 +1,7 @@
 """Where MLflow tracks: the tracking URI and artifact location, made absolute so that Ray workers
-started in another directory reach the same store."""
+started in another directory reach the same store. With a tracking server (``http(s)://``) a local
+``artifact_root`` is not used: the server stores artifacts where it was told (``--artifacts-destination``)
+and clients on any machine reach them through it; a URL root (``s3://...``) is used as given."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from mpe.config import MlflowConfig
 @dataclass(frozen=True)
 class TrackingSettings:
     tracking_uri: str
-    artifact_location: str
+    artifact_location: str | None  # None: the tracking server's default
     experiment: str
 
 
@@ -21,5 +23,13 @@ def tracking_settings(cfg: MlflowConfig) -> TrackingSettings:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     root = cfg.artifact_root
-    location = root if "://" in root else Path(root).resolve().as_uri()
+    if "://" in root:
+        location = root
+    else:
+        location = None if is_server(uri) else Path(root).resolve().as_uri()
     return TrackingSettings(uri, location, cfg.experiment)
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server (HTTP) rather than a store this process opens itself."""
+    return uri.split("://", 1)[0].lower() in ("http", "https")

@@ -80,3 +80,36 @@ def tiny_base_dir(tokenizer, tmp_path_factory):
     lm.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tracking_server():
+    """A real MLflow tracking server on PostgreSQL (127.0.0.1 only), started and stopped through
+    ``mpe tracking-server``, the command ``make tracking-server`` runs. Its URL and folder."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from mpe.tracking_server import free_port, port_free, status
+
+    # Under /tmp, not pytest's 0700 folder: as root, PostgreSQL runs as an unprivileged user who must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="mpe-pg-"))
+    folder.chmod(0o755)
+    port, pg_port = free_port(), None
+    cmd = [sys.executable, "-m", "mpe.cli", "tracking-server"]
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run([*cmd, "start", "--dir", str(folder), "--port", str(port), "--workers", "1"], cwd=repo,
+                             capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, f"tracking server did not start:\n{out.stdout}\n{out.stderr}"
+        pg_port = status(folder)["pg_port"]
+        yield {"uri": f"http://127.0.0.1:{port}", "dir": folder, "pg_port": pg_port}
+    finally:
+        out = subprocess.run([*cmd, "stop", "--dir", str(folder)], cwd=repo, capture_output=True, text=True,
+                             timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+        assert out.returncode == 0, f"tracking server did not stop:\n{out.stdout}\n{out.stderr}"
+        left = [p for p in (port, pg_port) if p and not port_free(p)]
+        assert not left, f"ports still listening after `mpe tracking-server stop`: {left}"

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from mpe.tracking_server import free_port  # noqa: F401  (the tests' free loopback port)
 from tests.project_config import small_params
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COPY = ["mpe", "flows", "dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, cwd, env, timeout=600) -> str:

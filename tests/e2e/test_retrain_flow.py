@@ -1,7 +1,9 @@
 """The lifecycle end to end on a small project: a Prefect server on 127.0.0.1 (started and stopped
 here), the nightly deployment from prefect.yaml run by a process worker, the retrain flow through
-DVC, push to a local DVC remote, MLflow registration with lineage and the promotion gate, loading
-the champion in a fresh process, and a fresh clone + ``dvc pull`` restoring the outputs."""
+DVC, push to a local DVC remote, MLflow registration with lineage and the promotion gate on the shared
+tracking server (``mpe tracking-server``: MLflow on PostgreSQL, artifacts served by it), two registrations
+at once through the gate, loading the champion in a fresh process, and a fresh clone + ``dvc pull``
+restoring the outputs."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.project import BIN, free_port as _free_port, git, make_project, pipeline_params, run
+from tests.e2e.project import BIN, REPO, free_port as _free_port, git, make_project, pipeline_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -73,9 +75,20 @@ def prefect_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_base_dir, prefect_env):
+def tracking_uri(tracking_server):
+    return tracking_server["uri"]
+
+
+def _params_on_server(base: Path, uri: str, **train) -> dict:
+    params = _params(base, **train)
+    params["mlflow"].update(tracking_uri=uri, experiment="mpe-e2e")  # artifact_root stays local: unused with a server
+    return params
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_base_dir, prefect_env, tracking_uri):
     root = tmp_path_factory.mktemp("e2e")
-    return make_project(root / "proj", _params(tiny_base_dir, lr=1e-9, max_steps=4))  # A: weak
+    return make_project(root / "proj", _params_on_server(tiny_base_dir, tracking_uri, lr=1e-9, max_steps=4))  # A: weak
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +119,15 @@ def _flow_run_state(flow_run_id: str) -> str:
     return anyio.run(read)
 
 
-def _registry(proj):
+def _registry(uri: str):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
+    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient()
 
 
-def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, prefect_env, snapshots):
+def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, tracking_uri, prefect_env,
+                                                                           snapshots):
     proj, _ = project
     env = {**prefect_env, "PWD": str(proj)}
     _run([str(BIN / "mpe"), "work-pool", "--name", "local-process"], proj, env)
@@ -133,7 +147,7 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(proje
         assert (proj / out_dir).exists(), out_dir
     reg = json.loads((proj / "metrics" / "register.json").read_text())
     assert reg["version"] == "1" and reg["alias"] == "champion"
-    tags = _registry(proj).get_model_version("mpe-e2e", "1").tags
+    tags = _registry(tracking_uri).get_model_version("mpe-e2e", "1").tags
     assert tags["prefect_flow_run_id"] == run_id
     snapshots["1"] = _snapshot(proj)
 
@@ -149,15 +163,16 @@ def _flow(proj, params):
         os.chdir(cwd)
 
 
-def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir, snapshots):
+def test_2_a_better_model_is_promoted_with_lineage(project, tracking_uri, tracking_server, tiny_base_dir,
+                                                   snapshots):
     proj, _ = project
     cache_summary = (proj / "metrics" / "cache.json").stat().st_mtime
-    result = _flow(proj, _params(tiny_base_dir))
+    result = _flow(proj, _params_on_server(tiny_base_dir, tracking_uri))
     assert result["alias"] == "champion" and result["version"] == "2", result
     assert result["score"] > result["champion_score"]
     # only train and evaluate depended on the change: data, base model and cache were skipped
     assert (proj / "metrics" / "cache.json").stat().st_mtime == cache_summary
-    client = _registry(proj)
+    client = _registry(tracking_uri)
     tags = client.get_model_version("mpe-e2e", "2").tags
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
     out = {o["path"]: o["md5"] for stage in lock.values() for o in stage["outs"]}
@@ -177,15 +192,22 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tiny_base_dir, snaps
     assert branch != "mpe/runs"
     assert {a.path for a in client.list_artifacts(tags["mlflow_train_run_id"], "lineage")} >= {
         "lineage/dvc.lock", "lineage/params.yaml"}
+    # everything went to the tracking server: the run's metrics in PostgreSQL, the files in its artifact folder
+    trained = json.loads((proj / "metrics" / "eval.json").read_text())["trained"]
+    logged = client.get_run(tags["mlflow_train_run_id"]).data.metrics
+    assert {k: logged[f"eval.{k}".replace("@", "_at_")] for k in trained} == pytest.approx(trained)
+    assert not (proj / "mlruns.db").exists() and not (proj / "mlartifacts").exists()
+    served = tracking_server["dir"] / "artifacts"
+    assert list(served.rglob("dvc.lock")) and list(served.rglob("MLmodel"))
     snapshots["2"] = _snapshot(proj)
 
 
-def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_dir):
+def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tracking_uri, tiny_base_dir):
     proj, _ = project
-    result = _flow(proj, _params(tiny_base_dir, lr=2e-9, max_steps=4))
+    result = _flow(proj, _params_on_server(tiny_base_dir, tracking_uri, lr=2e-9, max_steps=4))
     assert result["alias"] == "challenger" and not result["promoted"], result
     assert "does not beat" in result["reason"]
-    client = _registry(proj)
+    client = _registry(tracking_uri)
     assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("mpe-e2e", "challenger").version) == "3"
     from mpe.dvc_runner import status_clean
@@ -194,12 +216,64 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tiny_base_di
     assert clean, text
 
 
-def test_3b_a_rerun_with_nothing_changed_skips_every_stage_and_the_registry(project, tiny_base_dir):
+def test_3b_a_rerun_with_nothing_changed_skips_every_stage_and_the_registry(project, tracking_uri, tiny_base_dir):
     proj, _ = project
     before = (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime
-    result = _flow(proj, _params(tiny_base_dir, lr=2e-9, max_steps=4))
+    result = _flow(proj, _params_on_server(tiny_base_dir, tracking_uri, lr=2e-9, max_steps=4))
     assert result["skipped"] and result["version"] == "3" and result["alias"] == "challenger", result
     assert (proj / "models" / "trained" / "mpe_config.json").stat().st_mtime == before
+
+
+def test_3bb_two_registrations_at_once_gate_one_after_the_other(project, tracking_uri, tmp_path):
+    """Two processes register two trained models (this flow's versions 2 and 1) at the same moment under a
+    new name: distinct versions, every tag kept, and the gate decides as if they had come one after the
+    other in version order (without serialisation both read "no champion" and both promote)."""
+    from mpe.promotion_gate import decide
+
+    client = _registry(tracking_uri)
+    jobs = []
+    for i, source in enumerate(("2", "1")):
+        mv = client.get_model_version("mpe-e2e", source)
+        job = {"tracking_uri": tracking_uri, "experiment": "mpe-e2e", "model_name": "mpe-e2e-race",
+               "model_uri": mv.source, "metrics": json.loads(mv.tags["eval.metrics"]),
+               "lineage": {k: v for k, v in mv.tags.items() if not k.startswith(("eval.", "gate."))},
+               "ready": str(tmp_path / f"ready{i}"), "go": str(tmp_path / "go"), "out": str(tmp_path / f"out{i}.json")}
+        (tmp_path / f"job{i}.json").write_text(json.dumps(job))
+        jobs.append(job)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.e2e.registrant", str(tmp_path / f"job{i}.json")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(j["ready"]).exists() for j in jobs):  # both imported and connected: start together
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [json.loads(Path(j["out"]).read_text()) for j in jobs]
+    assert sorted(r["version"] for r in results) == ["1", "2"]
+    versions = sorted(client.search_model_versions("name = 'mpe-e2e-race'"), key=lambda v: int(v.version))
+    assert [v.version for v in versions] == ["1", "2"]
+    by_source = {j["model_uri"]: j for j in jobs}
+    champion, champion_score = None, None
+    for v in versions:  # the reference: the gate run one registration after the other, in version order
+        job = by_source[v.source]
+        assert {k: v.tags[k] for k in job["lineage"]} == job["lineage"]
+        assert json.loads(v.tags["eval.metrics"]) == job["metrics"] and v.tags["gate.state"] == "decided"
+        score = float(v.tags["eval.mean_recall"])
+        promote, reason = decide(score, champion_score, 0.0)
+        assert v.tags["gate.decision"] == reason, (v.version, v.tags["gate.decision"], reason)
+        if promote:
+            champion, champion_score = v.version, score
+    assert str(client.get_model_version_by_alias("mpe-e2e-race", "champion").version) == champion
+    assert sum("champion" in client.get_model_version("mpe-e2e-race", v.version).aliases for v in versions) == 1
+    second = next(r for r in results if r["version"] == "2")
+    assert second["champion_score"] is not None and second["previous_champion_version"] == "1"
 
 
 def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
@@ -236,7 +310,7 @@ def test_4_compare_tables_the_runs(project):
     assert {"2e-09", "0.002", "1e-09"} <= {c.strip() for line in lines[2:] for c in line.split("|")}
 
 
-def test_5_champion_loads_in_a_fresh_process_and_embeds(project):
+def test_5_champion_loads_in_a_fresh_process_and_embeds(project, tracking_uri):
     proj, _ = project
     code = """
 import base64, io, sys, mlflow, pandas as pd
@@ -248,7 +322,7 @@ out = m.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, ba
 import numpy as np
 print(out.shape, np.round(np.linalg.norm(out, axis=1), 4).tolist())
 """
-    out = _run([sys.executable, "-c", code, f"sqlite:///{proj / 'mlruns.db'}"], proj, os.environ.copy())
+    out = _run([sys.executable, "-c", code, tracking_uri], proj, os.environ.copy())
     assert "(2, 64) [1.0, 1.0]" in out
 
 
@@ -257,17 +331,17 @@ def _clone(proj: Path, dest: Path) -> Path:
     return dest
 
 
-def _reproduce(clone: Path, proj: Path, *args) -> subprocess.CompletedProcess:
+def _reproduce(clone: Path, tracking_uri: str, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "mpe"), "reproduce", "--model", "mpe-e2e", "--tracking-uri",
-                           f"sqlite:///{proj / 'mlruns.db'}", *args], cwd=clone, capture_output=True, text=True,
+                           tracking_uri, *args], cwd=clone, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
 
 
-def test_6_a_fresh_clone_reproduces_version_1_not_the_latest(project, tmp_path, snapshots):
+def test_6_a_fresh_clone_reproduces_version_1_not_the_latest(project, tracking_uri, tmp_path, snapshots):
     proj, _ = project
     assert snapshots["1"] != _snapshot(proj)  # later runs changed the workspace
     clone = _clone(proj, tmp_path / "clone")
-    out = _reproduce(clone, proj, "--version", "1")
+    out = _reproduce(clone, tracking_uri, "--version", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert _snapshot(clone) == snapshots["1"]  # data, cache, base and trained model, byte for byte
     code = """
@@ -278,28 +352,28 @@ registered = mlflow.pyfunc.load_model("models:/mpe-e2e/1").predict(pd.DataFrame(
 restored = MultiPromptCLIP.from_pretrained(sys.argv[2]).encode_text(["a red circle"]).detach().numpy()
 print(float(np.abs(registered - restored).max()))
 """
-    diff = _run([sys.executable, "-c", code, f"sqlite:///{proj / 'mlruns.db'}", str(clone / "models" / "trained")],
+    diff = _run([sys.executable, "-c", code, tracking_uri, str(clone / "models" / "trained")],
                 clone, os.environ.copy())
     assert float(diff.strip().splitlines()[-1]) < 1e-5
 
 
-def test_7_a_serving_host_pulls_the_model_alone(project, tmp_path, snapshots):
+def test_7_a_serving_host_pulls_the_model_alone(project, tracking_uri, tmp_path, snapshots):
     proj, _ = project
     clone = _clone(proj, tmp_path / "serving")
-    out = _reproduce(clone, proj, "--alias", "champion", "--only", "model")
+    out = _reproduce(clone, tracking_uri, "--alias", "champion", "--only", "model")
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (clone / "data").exists() and not (clone / "cache").exists()
     want = {k: v for k, v in snapshots["2"].items() if k.startswith("models/trained/")}
     assert {k: v for k, v in _snapshot(clone).items() if k.startswith("models/trained/")} == want
 
 
-def test_7b_outside_git_the_mlflow_artifacts_are_the_record(project, tmp_path, snapshots):
+def test_7b_outside_git_the_mlflow_artifacts_are_the_record(project, tracking_uri, tmp_path, snapshots):
     proj, remote = project
     plain = tmp_path / "plain"  # a folder that never saw git: DVC alone, pointed at the same remote
     plain.mkdir()
     for cmd in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "localremote", str(remote)]):
         _run([sys.executable, "-m", "dvc", *cmd], plain, {**os.environ, "DVC_NO_ANALYTICS": "1"})
-    out = _reproduce(plain, proj, "--version", "1", "--only", "model")
+    out = _reproduce(plain, tracking_uri, "--version", "1", "--only", "model")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "the MLflow artifacts of run" in out.stdout
     want = {k: v for k, v in snapshots["1"].items() if k.startswith("models/trained/")}
@@ -307,15 +381,15 @@ def test_7b_outside_git_the_mlflow_artifacts_are_the_record(project, tmp_path, s
     assert (plain / "dvc.lock").exists() and (plain / "params.yaml").exists()
 
 
-def test_8_a_missing_remote_object_names_the_version_path_and_remote(project, tmp_path):
+def test_8_a_missing_remote_object_names_the_version_path_and_remote(project, tracking_uri, tmp_path):
     proj, remote = project
-    client = _registry(proj)
+    client = _registry(tracking_uri)
     md5 = client.get_model_version("mpe-e2e", "1").tags["dvc.model"].removesuffix(".dir")
     victim = next(remote.rglob(f"{md5[2:]}.dir"))
     victim.unlink()
     clone = _clone(proj, tmp_path / "broken")
-    out = _reproduce(clone, proj, "--version", "1", "--only", "model")
+    out = _reproduce(clone, tracking_uri, "--version", "1", "--only", "model")
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "version 1" in out.stderr and "models/trained" in out.stderr and "localremote" in out.stderr
-    out = _reproduce(clone, proj, "--version", "99")
+    out = _reproduce(clone, tracking_uri, "--version", "99")
     assert out.returncode == 2 and "no version 99" in out.stderr
