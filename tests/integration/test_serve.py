@@ -6,9 +6,11 @@ problem and the row, and the next good request still succeeds."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,39 +81,65 @@ def registered(model_dir):
     return settings.tracking_uri
 
 
-@pytest.fixture(scope="module")
-def server(registered, model_dir):
+@contextlib.contextmanager
+def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
+    """``command`` (a server taking ``--port``) started on a free 127.0.0.1 port; yields an httpx client
+    once ``/ping`` answers, and stops the process however the test ends."""
     port = _free_port()
-    logfile = model_dir.parent / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    logfile = cwd / f"server-{port}.log"
+    # the venv's bin on PATH: mlflow models serve execs `uvicorn`; one torch thread: the model is tiny and
+    # spinning OpenMP threads only slow a shared machine
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           "OMP_NUM_THREADS": "1", **(env_extra or {})}
     with open(logfile, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mpe.cli", "serve", "--model", MODEL, "--tracking-uri", registered,
-             "--port", str(port), "--max-body-mb", str(MAX_BODY_MB)],
-            cwd=model_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # its own session: mlflow models serve runs uvicorn as a child, which must stop with it
+        proc = subprocess.Popen(command + ["--port", str(port)], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mpe serve exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[:3]} exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mpe serve did not answer /ping:\n{logfile.read_text()[-3000:]}")
+                raise RuntimeError(f"{command[:3]} did not answer /ping:\n{logfile.read_text()[-3000:]}")
             time.sleep(0.3)
         with httpx.Client(base_url=url, timeout=60) as client:
             yield client
     finally:
-        proc.terminate()
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the server and any child); SIGKILL what is left after 15 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so that an empty group reads as gone
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(registered, model_dir):
+    with _running([sys.executable, "-m", "mpe.cli", "serve", "--model", MODEL, "--tracking-uri", registered,
+                   "--max-body-mb", str(MAX_BODY_MB)], model_dir.parent) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +231,16 @@ def test_model_folder_forms(registered, model_dir, tmp_path):
     assert (inside / "mpe_weights.safetensors").read_bytes() == (model_dir / "mpe_weights.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="neither a model folder"):
         model_folder(str(tmp_path / "nope"))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_the_same(registered, model_dir, reference):
+    """MLflow's own scoring server on the registered pyfunc: the same embeddings, and the pyfunc's row
+    errors reach the client as 400 with our message (MLflow prefixes the table it failed on)."""
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    with _running([str(mlflow_cli), "models", "serve", "-m", MODEL, "--env-manager", "local", "-h", "127.0.0.1"],
+                  model_dir.parent, {"MLFLOW_TRACKING_URI": registered}) as client:
+        _check_good(client, reference)
+        r = client.post("/invocations", json=_split([["a red circle", None], [None, None]]))
+        assert r.status_code == 400 and "row 1: has neither" in r.json()["message"]
+        _check_good(client, reference)
