@@ -73,11 +73,15 @@ def registered(model_dir):
 
     root = model_dir.parent
     settings = TrackingSettings(f"sqlite:///{root / 'mlruns.db'}", (root / "mlartifacts").as_uri(), "serve-test")
-    client = use(settings)
-    with mlflow.start_run():
-        uri = log_pyfunc(model_dir, 64)
-    version = mlflow.register_model(uri, "mpe-multiprompt")
-    client.set_registered_model_alias("mpe-multiprompt", "champion", version.version)
+    before = mlflow.get_tracking_uri()
+    try:
+        client = use(settings)
+        with mlflow.start_run():
+            uri = log_pyfunc(model_dir, 64)
+        version = mlflow.register_model(uri, "mpe-multiprompt")
+        client.set_registered_model_alias("mpe-multiprompt", "champion", version.version)
+    finally:
+        mlflow.set_tracking_uri(before)  # other tests' stores stay theirs
     return settings.tracking_uri
 
 
@@ -87,11 +91,10 @@ def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
     once ``/ping`` answers, and stops the process however the test ends."""
     port = _free_port()
     logfile = cwd / f"server-{port}.log"
-    # the venv's bin on PATH: mlflow models serve execs `uvicorn`; one torch thread: the model is tiny and
-    # spinning OpenMP threads only slow a shared machine
+    # the venv's bin on PATH: mlflow models serve execs `uvicorn`
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           "OMP_NUM_THREADS": "1", **(env_extra or {})}
+           **(env_extra or {})}
     with open(logfile, "w") as log:
         # its own session: mlflow models serve runs uvicorn as a child, which must stop with it
         proc = subprocess.Popen(command + ["--port", str(port)], cwd=cwd, env=env, stdout=log,
@@ -224,8 +227,12 @@ def test_model_folder_forms(registered, model_dir, tmp_path):
     from mpe.serving import model_folder
 
     assert model_folder(str(model_dir)) == model_dir
+    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(registered)
-    logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=MODEL, dst_path=str(tmp_path)))
+    try:
+        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=MODEL, dst_path=str(tmp_path)))
+    finally:
+        mlflow.set_tracking_uri(before)
     inside = model_folder(str(logged))
     assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in model_dir.iterdir())
     assert (inside / "mpe_weights.safetensors").read_bytes() == (model_dir / "mpe_weights.safetensors").read_bytes()
