@@ -21,6 +21,9 @@ from mpe.errors import DataError
 COLUMNS = ("text", "image")
 MAX_CAPTION_CHARS = ServeConfig().max_caption_chars
 MAX_ERRORS_SHOWN = 5
+# The towers see image_size pixels a side; a bigger picture only costs memory to decode (a small PNG can
+# hold a huge blank canvas), so its header is checked before its pixels are read.
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def _absent(v) -> bool:
@@ -40,6 +43,9 @@ def _decode_image(row: int, raw) -> Image.Image:
         raise DataError(f"row {row}: 'image' must be a base64 string, not {type(raw).__name__}")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise DataError(f"row {row}: 'image' is {im.width}×{im.height} pixels, over the limit of "
+                                f"{MAX_IMAGE_PIXELS} (4096×4096); downscale it first")
             im.load()
             return im.convert("RGB")
     except UnidentifiedImageError:
@@ -55,6 +61,8 @@ def decode_rows(df: pd.DataFrame, max_caption_chars: int = MAX_CAPTION_CHARS
     """``(text_rows, texts, image_rows, images)`` of a request table; a :class:`DataError` naming every
     bad row (the first few) when a row holds neither or both fields, a caption longer than
     ``max_caption_chars``, or an image that is not base64 of a readable picture."""
+    if df.columns.duplicated().any():
+        raise DataError(f"columns {list(map(str, df.columns))}: a column is named twice")
     unknown = [c for c in df.columns if c not in COLUMNS]
     if unknown or not any(c in df.columns for c in COLUMNS):
         raise DataError(f"columns {list(map(str, df.columns))}: expected 'text' and/or 'image'"

@@ -126,7 +126,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
                 return _error(413, "REQUEST_TOO_LARGE", too_big)
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, nesting too deep
             return _error(400, "MALFORMED_REQUEST", f"malformed JSON body: {err}")
         try:
             out = await run_in_threadpool(predict, request_frame(payload, cfg.max_rows))

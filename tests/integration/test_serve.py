@@ -191,6 +191,8 @@ BAD = {
                      ["row 0", "not an image", "25 bytes"]),
     "1MB_caption": (_split([[TEXTS[0], None], ["x" * 2**20, None]]), 400,
                     ["row 1", f"{2**20} characters", f"limit of {CAPTION_LIMIT}"]),
+    "huge_image": (_split([[None, _b64(_png((0, 0, 0), size=4200))]]), 400, ["row 0", "4200×4200 pixels"]),
+    "column_twice": (_split([["a", "b"]], columns=["text", "text"]), 400, ["named twice"]),
     "text_not_string": (_split([[42, None]]), 400, ["row 0", "must be a string"]),
     "ragged_row": (_split([["a red circle"]]), 400, ["row 0", "expected a list of 2 values"]),
     "malformed_json": (b'{"dataframe_split": {"columns": ["text"], "data": [["a"]', 400, ["malformed JSON"]),
