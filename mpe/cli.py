@@ -157,6 +157,23 @@ def cmd_tracking_server(args) -> None:
         _print_json(state)
 
 
+def cmd_serve(args) -> None:
+    import os
+
+    from mpe.config import ServeConfig, validate
+    from mpe.serving import serve
+    from mpe.tracking_settings import tracking_settings
+
+    params = _params(args, required=False)
+    overrides = {k: getattr(args, k) for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars")
+                 if getattr(args, k) is not None}
+    cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
+    # the store: the option, else MLflow's own variable, else the project's (params) store
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") \
+        or tracking_settings(params.mlflow).tracking_uri
+    serve(args.model or f"models:/{params.registry.model_name}@champion", cfg, tracking_uri)
+
+
 def cmd_reweight(args) -> None:
     from mpe.stages import reweight
 
@@ -303,6 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--os-user", help="as root: the unprivileged OS user that runs PostgreSQL (default postgres)")
     ts.add_argument("--workers", type=int, default=2, help="MLflow server worker processes")
     ts.set_defaults(func=cmd_tracking_server)
+
+
+    sv = sub.add_parser("serve", help="serve the model over HTTP (MLflow's scoring protocol, POST /invocations)")
+    sv.add_argument("--model", help="models:/NAME@ALIAS, runs:/ID/model, or a model folder "
+                                    "(default: models:/<register.model_name>@champion)")
+    sv.add_argument("--tracking-uri", help="the tracking store a models:/ URI is registered in "
+                                           "(default: MLFLOW_TRACKING_URI, else params mlflow.tracking_uri)")
+    sv.add_argument("--host", help="interface to bind (default: params serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default: params serve.port, 8000)")
+    sv.add_argument("--max-body-mb", type=float, help="request body limit in MiB (default: params serve.max_body_mb)")
+    sv.add_argument("--max-rows", type=int, help="rows per request (default: params serve.max_rows)")
+    sv.add_argument("--max-caption-chars", type=int, help="longest caption accepted (default: params serve)")
+    sv.set_defaults(func=cmd_serve)
     rw = sub.add_parser("reweight", help="aspect weights chosen on the validation split, test gain")
     rw.add_argument("--model", help="model folder (default: train.out_dir)")
     rw.set_defaults(func=cmd_reweight)

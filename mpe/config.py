@@ -429,6 +429,16 @@ class ScheduleConfig(_Strict):
     deployment: str = "nightly"
 
 
+class ServeConfig(_Strict):
+    """``mpe serve``: where it listens and what one request may hold (the CLI options override these)."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; 0.0.0.0 exposes the model to the network")
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_mb: float = Field(16.0, gt=0, description="request body limit (413 above it)")
+    max_rows: int = Field(256, ge=1, description="rows per request")
+    max_caption_chars: int = Field(2000, ge=1, description="longer captions are refused (400), not truncated")
+
+
 class Params(_Strict):
     """The whole ``params.yaml``."""
 
@@ -445,6 +455,7 @@ class Params(_Strict):
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     dvc: DvcConfig = DvcConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

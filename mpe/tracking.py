@@ -7,6 +7,7 @@ import base64
 import io
 from pathlib import Path
 
+from mpe.errors import ConfigError
 from mpe.tracking_settings import TrackingSettings
 
 PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
@@ -126,11 +127,26 @@ def log_trained_model(settings: TrackingSettings, run_id: str, model_dir: Path, 
         return log_pyfunc(model_dir, embed_dim)
 
 
+def pyfunc_model_folder(mlflow_model_dir: Path) -> Path:
+    """The ``mpe_model`` folder inside a local copy of a logged pyfunc. MLflow stores an artifact under
+    its source folder's name (``artifacts/trained``, say), not under its key: the MLmodel file maps them."""
+    import yaml
+
+    mlmodel = Path(mlflow_model_dir) / "MLmodel"
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+        return Path(mlflow_model_dir) / meta["flavors"]["python_function"]["artifacts"]["mpe_model"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ConfigError(f"{mlmodel}: not an mpe pyfunc (no python_function artifact 'mpe_model': "
+                          f"{type(err).__name__}: {err})") from None
+
+
 def download_model_folder(model_uri: str) -> Path:
-    """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally."""
+    """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally (a local store's
+    files are used in place)."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts/mpe_model"))
+    return pyfunc_model_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))
 
 
 def parent_run(settings: TrackingSettings, name: str, tags: dict[str, str]) -> str:

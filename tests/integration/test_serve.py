@@ -1,0 +1,255 @@
+"""``mpe serve`` as a real subprocess on 127.0.0.1, serving a model registered in a test-local sqlite
+MLflow store (``models:/mpe-multiprompt@champion``), driven over HTTP with httpx: embeddings equal the
+model's own ``encode_text`` / ``encode_image`` in this process; every bad request gets a 4xx naming the
+problem and the row, and the next good request still succeeds."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mpe.config import ModelConfig, ServeConfig
+from mpe.model import MultiPromptCLIP
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "models:/mpe-multiprompt@champion"
+MAX_BODY_MB = 2  # small, so the over-limit body stays cheap; a 1 MB caption still fits under it
+CAPTION_LIMIT = ServeConfig().max_caption_chars
+TEXTS = ["a large red circle on a striped background", "two small blue squares"]
+
+
+def _png(color, size=32, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+IMAGES = [_png((200, 30, 30)), _png((20, 60, 220), size=48, fmt="JPEG")]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_base_dir, tmp_path_factory):
+    cfg = ModelConfig.model_validate({
+        "embed_dim": 64, "text": {"num_prompts": 2, "max_caption_tokens": 32},
+        "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
+                   "intermediate_size": 128}})
+    out = tmp_path_factory.mktemp("serve") / "model"
+    MultiPromptCLIP.from_base(tiny_base_dir, cfg, seed=0).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def registered(model_dir):
+    """The model logged as our pyfunc and registered as mpe-multiprompt@champion in a local sqlite store."""
+    import mlflow
+
+    from mpe.tracking import log_pyfunc, use
+    from mpe.tracking_settings import TrackingSettings
+
+    root = model_dir.parent
+    settings = TrackingSettings(f"sqlite:///{root / 'mlruns.db'}", (root / "mlartifacts").as_uri(), "serve-test")
+    before = mlflow.get_tracking_uri()
+    try:
+        client = use(settings)
+        with mlflow.start_run():
+            uri = log_pyfunc(model_dir, 64)
+        version = mlflow.register_model(uri, "mpe-multiprompt")
+        client.set_registered_model_alias("mpe-multiprompt", "champion", version.version)
+    finally:
+        mlflow.set_tracking_uri(before)  # other tests' stores stay theirs
+    return settings.tracking_uri
+
+
+@contextlib.contextmanager
+def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
+    """``command`` (a server taking ``--port``) started on a free 127.0.0.1 port; yields an httpx client
+    once ``/ping`` answers, and stops the process however the test ends."""
+    port = _free_port()
+    logfile = cwd / f"server-{port}.log"
+    # the venv's bin on PATH: mlflow models serve execs `uvicorn`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+           **(env_extra or {})}
+    with open(logfile, "w") as log:
+        # its own session: mlflow models serve runs uvicorn as a child, which must stop with it
+        proc = subprocess.Popen(command + ["--port", str(port)], cwd=cwd, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[:3]} exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:3]} did not answer /ping:\n{logfile.read_text()[-3000:]}")
+            time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the server and any child); SIGKILL what is left after 15 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so that an empty group reads as gone
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(registered, model_dir):
+    with _running([sys.executable, "-m", "mpe.cli", "serve", "--model", MODEL, "--tracking-uri", registered,
+                   "--max-body-mb", str(MAX_BODY_MB)], model_dir.parent) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Embeddings computed in this process by the saved model itself."""
+    m = MultiPromptCLIP.from_pretrained(model_dir)
+    with torch.no_grad():
+        t = m.encode_text(TEXTS).numpy()
+        v = m.encode_image([Image.open(io.BytesIO(b)).convert("RGB") for b in IMAGES]).numpy()
+    return t, v
+
+
+def _split(rows, columns=("text", "image")) -> dict:
+    return {"dataframe_split": {"columns": list(columns), "data": rows}}
+
+
+GOOD = _split([[TEXTS[0], None], [None, _b64(IMAGES[0])], [TEXTS[1], None], [None, _b64(IMAGES[1])]])
+
+
+def _check_good(client, reference):
+    r = client.post("/invocations", json=GOOD)
+    assert r.status_code == 200, r.text
+    out = np.asarray(r.json()["predictions"], dtype=np.float32)
+    t, v = reference
+    assert out.shape == (4, 64)
+    np.testing.assert_allclose(out[[0, 2]], t, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out[[1, 3]], v, rtol=0, atol=1e-6)
+
+
+def test_embeddings_equal_the_models_own(server, reference):
+    _check_good(server, reference)
+    # text-only and image-only requests (one column) give the same rows
+    r = server.post("/invocations", json=_split([[TEXTS[1]]], columns=["text"]))
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"], np.float32)[0], reference[0][1], atol=1e-6)
+    recs = {"dataframe_records": [{"image": _b64(IMAGES[0])}]}
+    r = server.post("/invocations", json=recs)
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"], np.float32)[0], reference[1][0], atol=1e-6)
+
+
+BAD = {
+    "missing_column": (_split([["a red circle"]], columns=["caption"]), 400, ["'caption'", "'text'", "'image'"]),
+    "both_null": (_split([["a red circle", None], [None, None]]), 400, ["row 1", "neither"]),
+    "both_set": (_split([["a red circle", _b64(IMAGES[0])]]), 400, ["row 0", "both"]),
+    "invalid_base64": (_split([[TEXTS[0], None], [None, "not*base64!"]]), 400, ["row 1", "not valid base64"]),
+    "not_an_image": (_split([[None, _b64(b"plain text, not a picture")]]), 400,
+                     ["row 0", "not an image", "25 bytes"]),
+    "1MB_caption": (_split([[TEXTS[0], None], ["x" * 2**20, None]]), 400,
+                    ["row 1", f"{2**20} characters", f"limit of {CAPTION_LIMIT}"]),
+    "huge_image": (_split([[None, _b64(_png((0, 0, 0), size=4200))]]), 400, ["row 0", "4200×4200 pixels"]),
+    "column_twice": (_split([["a", "b"]], columns=["text", "text"]), 400, ["named twice"]),
+    "text_not_string": (_split([[42, None]]), 400, ["row 0", "must be a string"]),
+    "ragged_row": (_split([["a red circle"]]), 400, ["row 0", "expected a list of 2 values"]),
+    "malformed_json": (b'{"dataframe_split": {"columns": ["text"], "data": [["a"]', 400, ["malformed JSON"]),
+    "wrong_top_level": ({"instances": [{"text": "a"}]}, 400, ["'dataframe_split'", "instances"]),
+    "body_over_limit": (_split([["y" * (MAX_BODY_MB * 2**20 + 10), None]]), 413, [f"limit of {MAX_BODY_MB} MiB"]),
+    "too_many_rows": (_split([["a", None]] * 300), 400, ["300 rows", "limit of 256"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_is_4xx_naming_the_problem_and_the_server_keeps_serving(server, reference, case):
+    body, status, phrases = BAD[case]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = server.post("/invocations", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    message = r.json()["message"]
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+    _check_good(server, reference)
+
+
+def test_wrong_content_type_is_415(server, reference):
+    r = server.post("/invocations", content=b"text,image\na,\n", headers={"content-type": "text/csv"})
+    assert r.status_code == 415 and "application/json" in r.json()["message"]
+    _check_good(server, reference)
+
+
+def test_model_folder_forms(registered, model_dir, tmp_path):
+    """A save_pretrained folder serves itself; a logged MLflow model folder (what ``mlflow models serve -m``
+    takes) serves the folder its MLmodel names; anything else is refused by name."""
+    import mlflow
+
+    from mpe.errors import ConfigError
+    from mpe.serving import model_folder
+
+    assert model_folder(str(model_dir)) == model_dir
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registered)
+    try:
+        logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=MODEL, dst_path=str(tmp_path)))
+    finally:
+        mlflow.set_tracking_uri(before)
+    inside = model_folder(str(logged))
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    assert (inside / "mpe_weights.safetensors").read_bytes() == (model_dir / "mpe_weights.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="neither a model folder"):
+        model_folder(str(tmp_path / "nope"))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_the_same(registered, model_dir, reference):
+    """MLflow's own scoring server on the registered pyfunc: the same embeddings, and the pyfunc's row
+    errors reach the client as 400 with our message (MLflow prefixes the table it failed on)."""
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    with _running([str(mlflow_cli), "models", "serve", "-m", MODEL, "--env-manager", "local", "-h", "127.0.0.1"],
+                  model_dir.parent, {"MLFLOW_TRACKING_URI": registered}) as client:
+        _check_good(client, reference)
+        r = client.post("/invocations", json=_split([["a red circle", None], [None, None]]))
+        assert r.status_code == 400 and "row 1: has neither" in r.json()["message"]
+        _check_good(client, reference)
