@@ -122,10 +122,15 @@ def log_trained_model(settings: TrackingSettings, run_id: str, model_dir: Path, 
 
 
 def download_model_folder(model_uri: str) -> Path:
-    """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally."""
+    """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally. MLflow stores an
+    artifact under its folder's own name (``artifacts/trained``); the model's MLmodel file says which."""
     import mlflow
+    import yaml
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts/mpe_model"))
+    mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/MLmodel"))
+                             .read_text())
+    path = mlmodel["flavors"]["python_function"]["artifacts"]["mpe_model"]["path"]
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/{path}"))
 
 
 def parent_run(settings: TrackingSettings, name: str, tags: dict[str, str]) -> str:
