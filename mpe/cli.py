@@ -64,6 +64,13 @@ def cmd_embed(args) -> None:
     print(f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {args.out}{skipped}")
 
 
+def cmd_sources(args) -> None:
+    from mpe.stages import sources
+
+    listing = sources.run(_params(args))
+    print(f"{listing['source']}: {len(listing['parts'])} URL list parts")
+
+
 def cmd_data(args) -> None:
     from mpe.stages import data
 
@@ -283,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(func=cmd_embed)
 
     for name, func, text in [
+        ("sources", cmd_sources, "list the URL list's parts with their hashes (a new part reruns data)"),
         ("data", cmd_data, "write the URL lists and download them with img2dataset into webdataset shards"),
         ("base-model", cmd_base_model, "resolve the base LLM, add the APT tokens, save safetensors"),
         ("cache", cmd_cache, "store the frozen trunk's hidden states for every unique caption"),

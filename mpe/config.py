@@ -306,6 +306,9 @@ class TrainConfig(_Strict):
     run_name: str = "mpe-default"
     storage_path: str = "ray_results"
     out_dir: str = "models/trained"
+    init_from: Literal["scratch", "champion"] = Field(
+        "scratch", description="scratch: a run is reproducible from its DVC inputs alone; champion: continue "
+                               "from the registry's @champion's trainable weights (cheaper at scale)")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     batch_size: int = Field(64, ge=2, description="per worker")

@@ -16,12 +16,13 @@ RESUMABLE_TRAIN_KEYS = {"run_name", "storage_path", "out_dir", "epochs", "max_st
 
 
 def run_fingerprint(seed: int, model: ModelConfig, train: TrainConfig, base_model: BaseModelConfig,
-                    data_stats: dict | None, cache_fields: dict | None) -> str:
-    """Hash of the model, seed, data, cache and optimiser settings."""
+                    data_stats: dict | None, cache_fields: dict | None, start: dict | None = None) -> str:
+    """Hash of the model, seed, data, cache and optimiser settings, and of the weights the run starts from
+    (``start``: the champion's version and weights hash under ``train.init_from: champion``)."""
     train_keys = {k: v for k, v in train.model_dump(mode="json").items() if k not in RESUMABLE_TRAIN_KEYS}
     return fingerprint({"seed": seed, "model": model.model_dump(mode="json"), "train": train_keys,
                         "base_model": base_model.model_dump(mode="json"), "data": data_stats,
-                        "cache": cache_fields}, 8)
+                        "cache": cache_fields, "start": start}, 8)
 
 
 def effective_run_name(run_name: str, fp: str) -> str:

@@ -145,6 +145,7 @@ def download_model_folder(model_uri: str) -> Path:
     """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally (a local store's
     files are used in place)."""
     import mlflow
+    import yaml
 
     return pyfunc_model_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))
 

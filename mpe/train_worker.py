@@ -21,6 +21,7 @@ import torch
 from mpe.checkpoint import CheckpointCorrupt, load_trainable, newest_intact, read_checkpoint, save_checkpoint
 from mpe.config import ModelConfig, RayConfig, TrainConfig
 from mpe.data.train_stream import StreamSpec, TrainLoader
+from mpe.errors import ConfigError
 from mpe.losses import Dist
 from mpe.model import MultiPromptCLIP
 from mpe.optim import build_optimizer, build_scheduler
@@ -48,6 +49,7 @@ class TrainJob:
     run_tags: dict
     run_name: str
     run_dir: str  # the Ray run folder (storage_path/run_name) when it is local
+    init_weights: str | None = None  # trainable weights to start from (safetensors), else the seed's
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -127,6 +129,19 @@ def _restore(model, optimizer, scheduler, run_dir: Path) -> dict:
     return state
 
 
+def _load_start(model, path: Path) -> None:
+    """The weights a run starts from: every trainable parameter, nothing else (safetensors only)."""
+    from safetensors.torch import load_file
+
+    start = load_file(str(path))
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    wrong = sorted(set(trainable) ^ set(start)) + [n for n in trainable if n in start and start[n].shape != trainable[n]]
+    if wrong:
+        raise ConfigError(f"{path}: the starting weights do not fit this model's trainable parameters "
+                          f"(first: {wrong[:3]}); set train.init_from: scratch")
+    load_trainable(model, start)
+
+
 def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker: Path) -> None:
     """Testing (``train.fail_at_step``): the last worker raises once at that step."""
     if tcfg.fail_at_step is not None and step == tcfg.fail_at_step and rank == world - 1 and not marker.exists():
@@ -179,7 +194,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tcfg.threads_per_worker or max(1, (os.cpu_count() or 2) // world))
     device = torch.device("cuda" if tcfg.use_gpu and torch.cuda.is_available() else "cpu")
-    model = build_model(job).to(device).train()
+    model = build_model(job)
+    if job.init_weights:  # a checkpoint of this run, if any, overrides it below (_restore)
+        _load_start(model, Path(job.init_weights))
+    model = model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, tcfg.lr, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg.warmup_steps, job.total_steps)

@@ -90,6 +90,12 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         add("negation", f"neg-{i:05d}-without", without, without.caption(), render_seed=rs)
         add("negation", f"neg-{i:05d}-with", with_neg, with_neg.caption(), render_seed=rs)
         negation.append({"query": query, "positive": f"neg-{i:05d}-without", "negative": f"neg-{i:05d}-with"})
+    # a rendered file is kept only if rendered from these very inputs (the data folder persists across runs)
+    raw_fp = fingerprint({"shapes": s.model_dump(mode="json"), "image_size": cfg.image_size, "seed": seed})
+    marker = out / "raw" / ".fingerprint"
+    if (out / "raw").exists() and (not marker.exists() or marker.read_text() != raw_fp):
+        shutil.rmtree(out / "raw")
+    write_text(marker, raw_fp)
     for scene, path, rs in tqdm(jobs, desc="render shapes", unit="img"):
         _save_png(render(scene, cfg.image_size, rs), path)
     lists = {}
@@ -123,6 +129,10 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
                 _write_parquet(rows, lists[path.stem][split])
         report[path.stem] = rep
     for split in ("train", "test"):
+        listed = {p[split] for p in lists.values() if split in p}
+        for stale in (out / "url_lists" / split).glob("*.parquet"):  # parts no longer listed (data persists)
+            if stale not in listed:
+                stale.unlink()
         if not any(split in p for p in lists.values()):
             raise DataError(f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
                             f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mpe.errors import DataError
+from mpe.hashing import file_sha256
 
 
 def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, str]:
@@ -109,6 +110,16 @@ def list_parts(spec: str | Path) -> list[Path]:
             raise DataError(f"{p}: part name '{p.stem}' also used by {seen[p.stem]}; parts need distinct file names")
         seen[p.stem] = p
     return parts
+
+
+def part_digests(spec: str | Path) -> dict[str, str]:
+    """Every part of a URL list by name, with the sha256 of its bytes: what the data stage's download
+    depends on, so a new or changed part, and nothing else, makes the next run download."""
+    parts = list_parts(spec)
+    missing = [p for p in parts if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: URL list not found")
+    return {p.stem: file_sha256(p) for p in parts}
 
 
 def url_fraction(url: str) -> float:

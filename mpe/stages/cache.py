@@ -81,6 +81,8 @@ def run(params: Params) -> dict:
     folder.write_active()
     summary = {"folder": folder.url, "key": folder.key, "compute_dtype": folder.fields["compute_dtype"],
                "storage_dtype": cfg.dtype, "data_shards": len(data_shards), "shards_computed": len(jobs),
+               "shards_reused": len(data_shards) - len(jobs),
+               "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
                "texts_computed": computed, "skipped_corrupt_shards": corrupt, "compute_seconds": round(time.perf_counter() - started, 2), "estimate": est}
     write_json(summary_file, summary)
     return summary

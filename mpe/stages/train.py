@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mpe import storage
-from mpe.atomic import write_json
+from mpe.atomic import atomic_path, write_json
 from mpe.base_model import source_label
 from mpe.cache_compute import cache_fields, data_shard_identity, is_current
 from mpe.cache_store import CacheFolder, open_active
@@ -24,6 +24,7 @@ from mpe.tracking import log_trained_model
 from mpe.tracking_settings import tracking_settings
 from mpe.train_worker import TrainJob, build_model, fit
 from mpe.vision.pretrained import transform_of
+from mpe.warm_start import champion_start, scratch
 
 
 def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
@@ -66,32 +67,40 @@ def run(params: Params) -> dict:
         folder = open_active(storage.absolute(params.cache.root), expected)
         fields = folder.fields
         cache_shards = _cache_shards(folder, data_shards)
-    run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,
-                                                                 stats, fields))
     settings = tracking_settings(params.mlflow)
+    provenance = {"base_model": source_label(params.base_model)}
+    start_weights, start = (champion_start(settings, params.registry.model_name, params.model, provenance["base_model"])
+                            if tcfg.init_from == "champion" else scratch())
+    run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,
+                                                                 stats, fields, start))
     ray_storage = Path(tcfg.storage_path).resolve()
+    init_file = None
+    if start_weights is not None:  # beside the run's checkpoints: the run's folder is named by these weights
+        init_file = ray_storage / run_name / "start.safetensors"
+        with atomic_path(init_file, suffix=".safetensors") as tmp:
+            tmp.write_bytes(start_weights)
     logged = {"seed": params.seed, "base_model": params.base_model.model_dump(mode="json"),
               "model": params.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
-              "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}}
+              "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}, "start": start}
     model_cfg = params.model.model_dump(mode="json")
     if params.model.vision.pretrained:  # Ray workers run in their own working folder
         model_cfg["vision"]["pretrained"] = str(Path(params.model.vision.pretrained).resolve())
     job = TrainJob(seed=params.seed, model=model_cfg, train=tcfg.model_dump(mode="json"),
                    base_dir=str(base_dir), trust_remote_code=params.base_model.trust_remote_code,
-                   provenance={"base_model": source_label(params.base_model)}, total_steps=total,
+                   provenance=provenance, total_steps=total,
                    stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
                            "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
                            "image_transform": transform_of(params.model.vision).to_json(),
                            "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
                    tracking=asdict(settings), logged_params=logged, run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())}, run_name=run_name,
-                   run_dir=str(ray_storage / run_name))
+                   run_dir=str(ray_storage / run_name), init_weights=str(init_file) if init_file else None)
     clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
     clock.append(("ray_train", time.perf_counter()))
 
     model = build_model(job)
     load_trainable(model, weights)
-    model.provenance.update({"ray_run_name": run_name, "steps": state["step"]})
+    model.provenance.update({"ray_run_name": run_name, "steps": state["step"], "start": start})
     if tcfg.save_dtype == "bfloat16" and hasattr(model.text, "lm"):
         model.text.lm.to(torch.bfloat16)  # the trunk came from a checkpoint of that precision
     out_dir = Path(tcfg.out_dir)
@@ -106,7 +115,7 @@ def run(params: Params) -> dict:
                "data_wait_share": _data_wait_share(state["history"], False),
                "data_wait_share_after_first_step": _data_wait_share(state["history"], True),
                "skipped_samples": state.get("skipped_samples", {}), "skipped_corrupt_shards": corrupt,
-               "compute_dtype": state.get("compute_dtype"),
+               "compute_dtype": state.get("compute_dtype"), "start": start,
                "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
     if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
         summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)
