@@ -35,10 +35,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"
 
 # The whole default pipeline: the Prefect retrain flow (DVC stages, push, MLflow registration).
 run: $(STAMP)

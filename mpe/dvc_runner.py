@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -110,8 +111,14 @@ def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
 
 
 def status_clean(project: Path) -> tuple[bool, str]:
-    """``dvc status``: clean when every stage is up to date."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True,
-                         env=_quiet_env())
+    """``dvc status``: clean when every stage is up to date. A stage DVC always reruns by design (``sources``,
+    which lists the URL-list parts) is not a change."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True,
+                         text=True, env=_quiet_env())
     text = out.stdout + out.stderr
-    return out.returncode == 0 and "up to date" in text, text
+    try:
+        changes = json.loads(out.stdout or "{}")
+    except ValueError:
+        return False, text
+    changed = {stage: what for stage, what in changes.items() if what != ["always changed"]}
+    return out.returncode == 0 and not changed, text

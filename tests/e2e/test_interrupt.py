@@ -78,10 +78,10 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert [m.name for m in _registered(proj)] == ["mpe-faults"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
     assert [str(v.version) for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
-    # every output intact, none half-written (`sources` only lists the URL-list parts: always rerun)
-    status = subprocess.run([str(BIN / "dvc"), "status", "base_model", "data", "cache", "train", "evaluate"], cwd=proj,
-                            capture_output=True, text=True, env=env)
-    assert "up to date" in status.stdout, status.stdout
+    from mpe.dvc_runner import status_clean
+
+    clean, text = status_clean(proj)
+    assert clean, text  # every output intact, none half-written
 
 
 def test_an_output_edited_in_place_leaves_dvc_s_copy_intact(proj):

@@ -182,7 +182,7 @@ def test_written_files_get_the_modes_of_the_umask(tmp_path):
         write_text(tmp_path / "a.json", "{}")
         with atomic_dir(tmp_path / "folder") as d:
             (d / "inner.txt").write_text("x")
-        with atomic_localcopy_project(tmp_path / "shard.safetensors", ".safetensors") as t:
+        with atomic_local_copy(tmp_path / "shard.safetensors", ".safetensors") as t:
             t.write_bytes(b"x")
     finally:
         os.umask(old)

@@ -51,6 +51,13 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()  # this process must not stay a driver of another test's local cluster
+    # A local `ray.init` earlier in this process switched token auth on in its environment (Ray's default
+    # for new local clusters); this cluster, its nodes and the jobs that join it agree on it explicitly.
+    from ray._raylet import Config
+
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_AUTH_MODE", "disabled")
+    Config.initialize("")  # Ray caches the mode it read: read it again
     temp_dir = tempfile.mkdtemp(prefix="mpe-rc-")  # short: Ray's socket paths must fit in 107 bytes
     c = Cluster()
     try:
@@ -67,6 +74,8 @@ def cluster():
             time.sleep(0.2)
         left = _processes_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        env.undo()
+        Config.initialize("")
         assert not left, f"Ray processes left after the cluster's shutdown: {left}"
 
 
