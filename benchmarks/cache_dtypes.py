@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+
+from pipeline_variant import run_variant_stages  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 # hidden width, and K=6 prompts + 6 negated prompts (the at-scale setting), with our templates
@@ -57,26 +57,14 @@ def bytes_per_caption(project: Path, dtypes: list[str]) -> list[dict]:
 
 
 def run_variant(project: Path, dtype: str) -> dict:
-    base = yaml.safe_load((project / "params.yaml").read_text())
     tag = f"dtype-{dtype}"
-    base["cache"]["dtype"] = dtype
-    base["cache"]["root"] = f"bench/{tag}/cache"
-    base["train"]["out_dir"] = f"bench/{tag}/trained"
-    base["train"]["run_name"] = f"bench-{tag}"
-    base["evaluate"]["out_dir"] = f"bench/{tag}/metrics"
-    base["evaluate"]["plots_dir"] = f"bench/{tag}/plots"
-    path = project / "bench" / f"{tag}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(base))
-    mpe = Path(sys.executable).parent / "mpe"
-    for stage in ("cache", "train", "evaluate"):
-        out = subprocess.run([str(mpe), "--params", str(path), stage], cwd=project, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{dtype} {stage}: {out.stderr[-2000:]}")
-    ev = json.loads((project / base["evaluate"]["out_dir"] / "eval.json").read_text())["trained"]
+
+    def change(p: dict) -> None:
+        p["cache"].update(dtype=dtype, root=f"bench/{tag}/cache")
+
+    base, recalls = run_variant_stages(project, tag, change)
     size = sum(p.stat().st_size for p in (project / base["cache"]["root"]).rglob("*.safetensors"))
-    return {"dtype": dtype, "cache_bytes": size, **{k: ev[k] for k in (
-        "text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@1", "image_to_text_R@5")}}
+    return {"dtype": dtype, "cache_bytes": size, **recalls}
 
 
 def main() -> None:

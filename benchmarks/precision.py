@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import yaml
+
+from pipeline_variant import run_variant_stages  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,27 +42,15 @@ def state_error(project: Path, n: int) -> dict:
 
 
 def run_variant(project: Path, cache: str, train: str, seed: int = 0) -> dict:
-    base = yaml.safe_load((project / "params.yaml").read_text())
     tag = f"cache-{cache}-train-{train}" + (f"-seed{seed}" if seed else "")
-    base["seed"] = seed
-    base["cache"]["autocast"] = cache
-    base["train"]["autocast"] = train
-    base["cache"]["root"] = "bench/precision-cache"
-    base["train"]["out_dir"] = f"bench/{tag}/trained"
-    base["train"]["run_name"] = f"bench-{tag}"
-    base["evaluate"]["out_dir"] = f"bench/{tag}/metrics"
-    base["evaluate"]["plots_dir"] = f"bench/{tag}/plots"
-    path = project / "bench" / f"{tag}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(base))
-    mpe = Path(sys.executable).parent / "mpe"
-    for stage in ("cache", "train", "evaluate"):
-        out = subprocess.run([str(mpe), "--params", str(path), stage], cwd=project, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{tag} {stage}: {out.stderr[-2000:]}")
-    ev = json.loads((project / base["evaluate"]["out_dir"] / "eval.json").read_text())["trained"]
-    return {"cache": cache, "train": train, "seed": seed, **{k: ev[k] for k in (
-        "text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@1", "image_to_text_R@5")}}
+
+    def change(p: dict) -> None:
+        p["seed"] = seed
+        p["cache"].update(autocast=cache, root="bench/precision-cache")
+        p["train"]["autocast"] = train
+
+    _, recalls = run_variant_stages(project, tag, change)
+    return {"cache": cache, "train": train, "seed": seed, **recalls}
 
 
 def main() -> None:
