@@ -35,10 +35,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"
 
 # The whole default pipeline: the Prefect retrain flow (DVC stages, push, MLflow registration).
 run: $(STAMP)

@@ -114,20 +114,3 @@ def tracking_server():
         left = [p for p in (port, pg_port) if p and not port_free(p)]
         assert not left, f"ports still listening after `mpe tracking-server stop`: {left}"
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers), tests that share an expensive fixture run on one
-    worker: a module's tests together (module fixtures), and the modules that use the session's small
-    project, or the session's tracking server, together."""
-    uses: dict[str, set[str]] = {}
-    for item in items:
-        uses.setdefault(item.nodeid.split("::")[0], set()).update(getattr(item, "fixturenames", ()))
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        if module.startswith("tests/integration/") and "project" in uses[module]:
-            group = "integration-project"
-        elif "tracking_server" in uses[module]:
-            group = "tracking-server"
-        else:
-            group = module
-        item.add_marker(pytest.mark.xdist_group(group))
