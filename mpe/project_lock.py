@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mpe.errors import ProjectBusy
+from mpe.hashing import text_sha256
 
 LOCK_FILE = Path(".mpe") / "run.lock"
 PROJECT_TAG = "mpe.project"  # the MLflow tag that says which project folder a training run belongs to
@@ -31,8 +31,7 @@ _held: dict[Path, int] = {}
 
 def project_identity(project: str | Path) -> str:
     """A short id of this project folder on this machine (tags a project's MLflow runs)."""
-    where = f"{socket.gethostname()}:{Path(project).resolve()}"
-    return hashlib.sha256(where.encode()).hexdigest()[:16]
+    return text_sha256(f"{socket.gethostname()}:{Path(project).resolve()}")[:16]
 
 
 def _holder(fd: int) -> str:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from PIL import Image
 
 from mpe.config import ModelConfig, ServeConfig
 from mpe.model import MultiPromptCLIP
+from mpe.tracking_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "models:/mpe-multiprompt@champion"
@@ -44,12 +44,6 @@ IMAGES = [_png((200, 30, 30)), _png((20, 60, 220), size=48, fmt="JPEG")]
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,7 @@ def registered(model_dir):
 def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
     """``command`` (a server taking ``--port``) started on a free 127.0.0.1 port; yields an httpx client
     once ``/ping`` answers, and stops the process however the test ends."""
-    port = _free_port()
+    port = free_port()
     logfile = cwd / f"server-{port}.log"
     # the venv's bin on PATH: mlflow models serve execs `uvicorn`
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
