@@ -12,6 +12,11 @@ from mpe.telemetry import disable_telemetry  # noqa: E402
 disable_telemetry()
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # tests only start local Ray on 127.0.0.1
 
+from tests.session_temp import claim  # noqa: E402
+
+# Before anything asks for a temp folder: the whole run's temporary state in one folder of its own.
+SESSION_TEMP, OWNS_SESSION_TEMP = claim()
+
 import copy
 
 import pytest
@@ -20,6 +25,14 @@ import torch
 from mpe.base_model import resolve_base_model
 
 ARCHS = ["llama", "gemma", "gemma2", "qwen2", "gpt2"]
+
+
+def pytest_unconfigure(config):
+    """The run that made the session folder stops what is left in it and removes it."""
+    if OWNS_SESSION_TEMP:
+        from tests.session_temp import reap
+
+        reap(SESSION_TEMP)
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +107,9 @@ def tracking_server():
 
     from mpe.tracking_server import free_port, port_free, status
 
-    # Under /tmp, not pytest's 0700 folder: as root, PostgreSQL runs as an unprivileged user who must reach it.
-    folder = Path(tempfile.mkdtemp(prefix="mpe-pg-"))
+    # In the run's 0755 folder, not pytest's 0700 one: as root, PostgreSQL runs as an unprivileged user who
+    # must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="pg-", dir=SESSION_TEMP))
     folder.chmod(0o755)
     port, pg_port = free_port(), None
     cmd = [sys.executable, "-m", "mpe.cli", "tracking-server"]
