@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from pipeline_variant import run_variant_stages  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +26,11 @@ SHAPES = {"default (SmolLM2-135M, K=4+4)": 576, "Gemma-2B (K=6+6)": 2048, "Llama
 def bytes_per_caption(project: Path, dtypes: list[str]) -> list[dict]:
     """Mean rows per caption of the default data × hidden × bytes (plus float8 scales)."""
     sys.path.insert(0, str(ROOT))
-    from mpe.cache_compute import trunk_info
-    from mpe.cache_store import STORAGE
+    from mpe.cache.compute import trunk_info
+    from mpe.cache.store import STORAGE
     from mpe.config import TextConfig, load_params
     from mpe.data.loader import split_captions
-    from mpe.text.prompt_sequence import build_layout, tokenize_captions
+    from mpe.model.text.prompt_sequence import build_layout, tokenize_captions
 
     params = load_params(project / "params.yaml")
     info = trunk_info(project / params.base_model.out_dir, params.model.text)
@@ -42,8 +41,9 @@ def bytes_per_caption(project: Path, dtypes: list[str]) -> list[dict]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(project / params.base_model.out_dir)
-    tok.add_special_tokens({"additional_special_tokens": [f"<APT-{i}>" for i in range(1, 7)]},
-                           replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [f"<APT-{i}>" for i in range(1, 7)]}, replace_extra_special_tokens=False
+    )
     seg6 = build_layout(tok, at_scale).segments_len
     rows = []
     for shape, hidden in SHAPES.items():
@@ -78,14 +78,22 @@ def main() -> None:
     print("| shape | rows per caption | hidden | " + " | ".join(f"{d} (KB)" for d in args.dtypes) + " |")
     print("|---|---|---|" + "---|" * len(args.dtypes))
     for r in sizes:
-        print(f"| {r['shape']} | {r['rows']:.0f} | {r['hidden']} | " +
-              " | ".join(f"{r[d] / 1024:.1f}" for d in args.dtypes) + " |")
+        print(
+            f"| {r['shape']} | {r['rows']:.0f} | {r['hidden']} | "
+            + " | ".join(f"{r[d] / 1024:.1f}" for d in args.dtypes)
+            + " |"
+        )
     results = [] if args.skip_training else [run_variant(project, d) for d in args.dtypes]
     if results:
-        print("\n| storage dtype | cache on disk (MB) | t→i R@1 | t→i R@5 | i→t R@1 | i→t R@5 |\n|---|---|---|---|---|---|")
+        print(
+            "\n| storage dtype | cache on disk (MB) | t→i R@1 | t→i R@5 | i→t R@1 | i→t R@5 |\n"
+            "|---|---|---|---|---|---|"
+        )
         for r in results:
-            print(f"| {r['dtype']} | {r['cache_bytes'] / 1e6:.1f} | {r['text_to_image_R@1']:.3f} | "
-                  f"{r['text_to_image_R@5']:.3f} | {r['image_to_text_R@1']:.3f} | {r['image_to_text_R@5']:.3f} |")
+            print(
+                f"| {r['dtype']} | {r['cache_bytes'] / 1e6:.1f} | {r['text_to_image_R@1']:.3f} | "
+                f"{r['text_to_image_R@5']:.3f} | {r['image_to_text_R@1']:.3f} | {r['image_to_text_R@5']:.3f} |"
+            )
     out = project / "metrics" / "cache_dtypes.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bytes_per_caption": sizes, "results": results}, indent=1))

@@ -37,8 +37,8 @@ def child(code: str, *args: str) -> dict:
 TINY_BASE = r"""
 import json, sys, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from mpe.base_model import resolve_base_model
-from mpe.text.apt_tokens import add_apt_tokens
+from mpe.model.base_model import resolve_base_model
+from mpe.model.text.apt_tokens import add_apt_tokens
 tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m"))
 torch.manual_seed(0)
 lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -51,7 +51,7 @@ print(json.dumps({}))
 CACHE = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-from mpe.cache_compute import cache_data_shard, load_trunk_tower
+from mpe.cache.compute import cache_data_shard, load_trunk_tower
 from mpe.config import TextConfig
 torch.set_num_threads(2)
 base, shards, out = Path(sys.argv[1]), sorted(Path(sys.argv[2]).glob("*.tar")), Path(sys.argv[3])
@@ -86,7 +86,8 @@ del loader
 import gc; gc.collect(); time.sleep(0.5)
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"samples_per_s": batches * 64 / dt, "peak_rss_mb": own + kids, "trainer_mb": own, "decoder_mb": kids}))
+print(json.dumps({"samples_per_s": batches * 64 / dt, "peak_rss_mb": own + kids, "trainer_mb": own,
+                  "decoder_mb": kids}))
 """
 
 
@@ -98,15 +99,22 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "metrics" / "data_scale.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from mpe.atomic import write_json
-    from mpe.data.synthetic_corpus import write_corpus
+    from mpe.files.atomic import write_json
+    from tests.synthetic_corpus import write_corpus
 
     work = Path(args.work or tempfile.mkdtemp(prefix="mpe-data-scale-"))
     base = work / "tiny-base"
     if not (base / "config.json").exists():
         child(TINY_BASE, str(base))
-    keys = ["n", "cache_samples_per_s", "bytes_per_sample", "ingest_samples_per_s_per_core_64px",
-            "ingest_samples_per_s_per_core_224px", "peak_rss_cache_mb", "peak_rss_train_mb"]
+    keys = [
+        "n",
+        "cache_samples_per_s",
+        "bytes_per_sample",
+        "ingest_samples_per_s_per_core_64px",
+        "ingest_samples_per_s_per_core_224px",
+        "peak_rss_cache_mb",
+        "peak_rss_train_mb",
+    ]
     result = {k: [] for k in keys}
     for n in args.n:
         d = work / f"n{n}"
@@ -119,26 +127,37 @@ def main() -> None:
         c = child(CACHE, str(base), str(d / "png64"), str(d / "cache"))
         i64 = child(INGEST, str(d / "png64"), str(d / "cache"), "64", str(args.batches))
         i224 = child(INGEST, str(d / "jpg224"), str(d / "cache"), "224", str(args.batches))
-        row = {"n": n, "cache_samples_per_s": c["samples"] / c["seconds"], "bytes_per_sample": c["bytes"] / n,
-               "ingest_samples_per_s_per_core_64px": i64["samples_per_s"],
-               "ingest_samples_per_s_per_core_224px": i224["samples_per_s"],
-               "peak_rss_cache_mb": c["peak_rss_mb"], "peak_rss_train_mb": i64["peak_rss_mb"]}
+        row = {
+            "n": n,
+            "cache_samples_per_s": c["samples"] / c["seconds"],
+            "bytes_per_sample": c["bytes"] / n,
+            "ingest_samples_per_s_per_core_64px": i64["samples_per_s"],
+            "ingest_samples_per_s_per_core_224px": i224["samples_per_s"],
+            "peak_rss_cache_mb": c["peak_rss_mb"],
+            "peak_rss_train_mb": i64["peak_rss_mb"],
+        }
         print(json.dumps(row), flush=True)
         for k in keys:
             result[k].append(row[k])
         shutil.rmtree(d, ignore_errors=True)
     write_json(args.out, result)
-    print("\n| N | cache samples/s | bytes/sample | ingest/s/core 64 px PNG | ingest/s/core 224 px JPEG | "
-          "peak RSS cache (MB) | peak RSS train worker (MB) |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| N | cache samples/s | bytes/sample | ingest/s/core 64 px PNG | ingest/s/core 224 px JPEG | "
+        "peak RSS cache (MB) | peak RSS train worker (MB) |\n|---|---|---|---|---|---|---|"
+    )
     for j, n in enumerate(result["n"]):
-        print(f"| {n:,} | {result['cache_samples_per_s'][j]:,.0f} | {result['bytes_per_sample'][j]:,.0f} | "
-              f"{result['ingest_samples_per_s_per_core_64px'][j]:,.0f} | "
-              f"{result['ingest_samples_per_s_per_core_224px'][j]:,.0f} | {result['peak_rss_cache_mb'][j]:,.0f} | "
-              f"{result['peak_rss_train_mb'][j]:,.0f} |")
+        print(
+            f"| {n:,} | {result['cache_samples_per_s'][j]:,.0f} | {result['bytes_per_sample'][j]:,.0f} | "
+            f"{result['ingest_samples_per_s_per_core_64px'][j]:,.0f} | "
+            f"{result['ingest_samples_per_s_per_core_224px'][j]:,.0f} | {result['peak_rss_cache_mb'][j]:,.0f} | "
+            f"{result['peak_rss_train_mb'][j]:,.0f} |"
+        )
     if len(result["n"]) > 1:
         for k in ("peak_rss_cache_mb", "peak_rss_train_mb"):
-            print(f"{k}: {100 * (result[k][-1] / result[k][0] - 1):+.1f} % from N={result['n'][0]:,} "
-                  f"to N={result['n'][-1]:,}")
+            print(
+                f"{k}: {100 * (result[k][-1] / result[k][0] - 1):+.1f} % from N={result['n'][0]:,} "
+                f"to N={result['n'][-1]:,}"
+            )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,26 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-                num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192)
-TOY = dict(vocab_size=49160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=1, head_dim=16, max_position_embeddings=512)
+GEMMA_2B = dict(
+    vocab_size=256000,
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_hidden_layers=18,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=8192,
+)
+TOY = dict(
+    vocab_size=49160,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=512,
+)
 VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072)
 VIT_TOY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
@@ -55,17 +71,18 @@ def timed(fn, device: str, reps: int = 3) -> float:
 def peak_bf16(device: str, n: int) -> float:
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    return 2 * n ** 3 / timed(lambda: a @ b, device, 5)
+    return 2 * n**3 / timed(lambda: a @ b, device, 5)
 
 
 def tokenizer_with_apt(k: int):
     from transformers import AutoTokenizer
 
-    from mpe.base_model import resolve_base_model
+    from mpe.model.base_model import resolve_base_model
 
     tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m"))
-    tok.add_special_tokens({"additional_special_tokens": [f"<APT-{i}>" for i in range(1, k + 1)]},
-                           replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [f"<APT-{i}>" for i in range(1, k + 1)]}, replace_extra_special_tokens=False
+    )
     return tok
 
 
@@ -73,7 +90,7 @@ def text_tower(toy: bool, device: str, k: int = 6):
     from transformers import AutoModelForCausalLM, GemmaConfig
 
     from mpe.config import TextConfig
-    from mpe.text.tower import LLMTextTower
+    from mpe.model.text.tower import LLMTextTower
 
     tok = tokenizer_with_apt(k)
     cfg = GemmaConfig(**(TOY if toy else GEMMA_2B))
@@ -84,7 +101,7 @@ def text_tower(toy: bool, device: str, k: int = 6):
 
 @torch.no_grad()
 def cache_check(toy: bool, device: str, peak: float) -> dict:
-    from mpe.text.prompt_sequence import PromptLayout, build_batch
+    from mpe.model.text.prompt_sequence import PromptLayout, build_batch
 
     tower, tok = text_tower(toy, device)
     n = 8 if toy else 256
@@ -98,8 +115,12 @@ def cache_check(toy: bool, device: str, peak: float) -> dict:
     with FlopCounterMode(display=False) as fc:
         trunk()
     s = timed(trunk, device)
-    out = {"captions_per_s": n / s, "mfu": fc.get_total_flops() / s / peak, "batch": n,
-           "tokens_per_caption": batch.length}
+    out = {
+        "captions_per_s": n / s,
+        "mfu": fc.get_total_flops() / s / peak,
+        "batch": n,
+        "tokens_per_caption": batch.length,
+    }
 
     def masked():
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -110,11 +131,11 @@ def cache_check(toy: bool, device: str, peak: float) -> dict:
             for seg, reads in zip(tower.layout.segments, tower.layout.readouts):
                 one = PromptLayout((seg,), (reads,), "none", 1)
                 b = build_batch(captions, one, tower.pad_id).to(device)
-                tower.decoder.full_forward(b.input_ids, tower.decoder.masks(b.segment_ids, b.position_ids,
-                                                                            torch.bfloat16), b.position_ids)
+                tower.decoder.full_forward(
+                    b.input_ids, tower.decoder.masks(b.segment_ids, b.position_ids, torch.bfloat16), b.position_ids
+                )
 
     out["masked_over_separate"] = timed(masked, device) / timed(separate, device)
-    del tower
     return out
 
 
@@ -122,11 +143,11 @@ def _train_loop(config: dict) -> None:
     import ray.train
 
     from mpe.config import ModelConfig
-    from mpe.losses import Dist
-    from mpe.model import MultiPromptCLIP
-    from mpe.optim import build_optimizer, build_scheduler
-    from mpe.train_step import Batch, train_step
-    from mpe.vision.tower import VisionTower
+    from mpe.model.losses import Dist
+    from mpe.model.multi_prompt_clip import MultiPromptCLIP
+    from mpe.model.vision.tower import VisionTower
+    from mpe.training.optim import build_optimizer, build_scheduler
+    from mpe.training.step import Batch, train_step
 
     toy, device = config["toy"], "cuda" if config["gpu"] else "cpu"
     ctx = ray.train.get_context()
@@ -140,20 +161,39 @@ def _train_loop(config: dict) -> None:
     b, size, hidden = config["batch"], cfg.vision.image_size, tower.decoder.hidden_size
     lens = [32] * b
     rows = 32 + tower.layout.segments_len
-    batch = Batch(torch.randn(b, 3, size, size, device=device), states=torch.randn(b, rows, hidden, device=device),
-                  caption_lens=lens)
-    step = lambda: train_step(model, batch, opt, sched, trainable, 1.0,  # noqa: E731
-                              Dist(ctx.get_world_rank(), ctx.get_world_size()), torch.bfloat16)
+    batch = Batch(
+        torch.randn(b, 3, size, size, device=device),
+        states=torch.randn(b, rows, hidden, device=device),
+        caption_lens=lens,
+    )
+    step = lambda: train_step(
+        model,
+        batch,
+        opt,
+        sched,
+        trainable,
+        1.0,  # noqa: E731
+        Dist(ctx.get_world_rank(), ctx.get_world_size()),
+        torch.bfloat16,
+    )
     step()
     with FlopCounterMode(display=False) as fc:
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     s = timed(step, device)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     if ctx.get_world_rank() == 0:  # metrics reported without a checkpoint are not kept: a file carries them
-        Path(config["out"]).write_text(json.dumps({"samples_per_s": b / s, "flops_per_step": fc.get_total_flops(),
-                                                   "seconds_per_step": s, "peak_memory_gib": mem}))
+        Path(config["out"]).write_text(
+            json.dumps(
+                {
+                    "samples_per_s": b / s,
+                    "flops_per_step": fc.get_total_flops(),
+                    "seconds_per_step": s,
+                    "peak_memory_gib": mem,
+                }
+            )
+        )
 
 
 def train_check(toy: bool, gpu: bool, peak: float, batch: int) -> dict:
@@ -162,21 +202,28 @@ def train_check(toy: bool, gpu: bool, peak: float, batch: int) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mpe.config import RayConfig
-    from mpe.ray_cluster import ensure_ray, torch_config
+    from mpe.runtime.ray_cluster import ensure_ray, torch_config
 
     ensure_ray(RayConfig(num_cpus=None if gpu else 2))
     tc = TorchConfig(backend="nccl") if gpu else torch_config(RayConfig(), False, Path("/tmp/mpe-gpu-check-store"))
     out = Path(tempfile.mkdtemp()) / "train.json"
-    trainer = TorchTrainer(_train_loop, train_loop_config={"toy": toy, "gpu": gpu, "batch": batch, "out": str(out)},
-                           torch_config=tc,
-                           scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=gpu),
-                           run_config=ray.train.RunConfig(name=f"gpu-check-{int(time.time())}",
-                                                          storage_path="/tmp/mpe-gpu-check"))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"toy": toy, "gpu": gpu, "batch": batch, "out": str(out)},
+        torch_config=tc,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=gpu),
+        run_config=ray.train.RunConfig(name=f"gpu-check-{int(time.time())}", storage_path="/tmp/mpe-gpu-check"),
+    )
     trainer.fit()
     ray.shutdown()
     m = json.loads(out.read_text())
-    return {"global_batch": batch, "backend": "nccl" if gpu else "gloo", "samples_per_s": m["samples_per_s"],
-            "mfu": m["flops_per_step"] / m["seconds_per_step"] / peak, "peak_memory_gib": m["peak_memory_gib"]}
+    return {
+        "global_batch": batch,
+        "backend": "nccl" if gpu else "gloo",
+        "samples_per_s": m["samples_per_s"],
+        "mfu": m["flops_per_step"] / m["seconds_per_step"] / peak,
+        "peak_memory_gib": m["peak_memory_gib"],
+    }
 
 
 def main() -> None:
@@ -189,9 +236,13 @@ def main() -> None:
     device = "cuda" if gpu else "cpu"
     t0 = time.perf_counter()
     peak = peak_bf16(device, 256 if args.toy else 8192)
-    result = {"device": torch.cuda.get_device_name() if gpu else "cpu", "toy": args.toy,
-              "bf16_peak_tflops": peak / 1e12, "cache": cache_check(args.toy, device, peak),
-              "train": train_check(args.toy, gpu, peak, args.batch or (16 if args.toy else 1024))}
+    result = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "toy": args.toy,
+        "bf16_peak_tflops": peak / 1e12,
+        "cache": cache_check(args.toy, device, peak),
+        "train": train_check(args.toy, gpu, peak, args.batch or (16 if args.toy else 1024)),
+    }
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

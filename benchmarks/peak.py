@@ -33,7 +33,7 @@ def matmul_flops(dtype: torch.dtype, shapes: list[tuple[int, int, int]], seconds
     best = 0.0
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        t = timed(lambda: a @ b, seconds / len(shapes))
+        t = timed(lambda a=a, b=b: a @ b, seconds / len(shapes))
         best = max(best, 2 * m * k * n / t)
     return best
 
@@ -48,10 +48,13 @@ def bandwidth(mb: int, seconds: float) -> float:
 
 def measure(hidden: int = 576, mlp: int = 1536, tokens: int = 4096, seconds: float = 2.0) -> dict:
     shapes = [(tokens, hidden, mlp), (tokens, mlp, hidden), (tokens, hidden, hidden)]
-    return {"threads": torch.get_num_threads(), "shapes": shapes,
-            "fp32_flops": matmul_flops(torch.float32, shapes, seconds),
-            "bf16_flops": matmul_flops(torch.bfloat16, shapes, seconds),
-            "mem_bytes_per_s": bandwidth(256, seconds)}
+    return {
+        "threads": torch.get_num_threads(),
+        "shapes": shapes,
+        "fp32_flops": matmul_flops(torch.float32, shapes, seconds),
+        "bf16_flops": matmul_flops(torch.bfloat16, shapes, seconds),
+        "mem_bytes_per_s": bandwidth(256, seconds),
+    }
 
 
 def load_peak(path: Path = ROOT / "metrics" / "peak.json") -> dict:

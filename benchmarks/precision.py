@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from pipeline_variant import run_variant_stages  # noqa: E402  (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def state_error(project: Path, n: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from mpe.cache_compute import load_trunk_tower, trunk_states_of_ids
+    from mpe.cache.compute import load_trunk_tower, trunk_states_of_ids
     from mpe.config import load_params
     from mpe.data.loader import split_captions
-    from mpe.text.prompt_sequence import tokenize_captions
+    from mpe.model.text.prompt_sequence import tokenize_captions
 
     params = load_params(project / "params.yaml")
     tower = load_trunk_tower(project / params.base_model.out_dir, params.model.text)
@@ -36,9 +35,13 @@ def state_error(project: Path, n: int) -> dict:
     rel = [((b - a).norm(dim=-1) / a.norm(dim=-1)) for a, b in zip(fp32, bf16)]
     allrel = torch.cat(rel)
     fp16 = [(a.half().float() - a).norm(dim=-1) / a.norm(dim=-1) for a in fp32]
-    return {"texts": len(texts), "rows": int(allrel.numel()), "mean_relative_error": allrel.mean().item(),
-            "max_relative_error": allrel.max().item(),
-            "fp16_storage_mean_relative_error": torch.cat(fp16).mean().item()}
+    return {
+        "texts": len(texts),
+        "rows": int(allrel.numel()),
+        "mean_relative_error": allrel.mean().item(),
+        "max_relative_error": allrel.max().item(),
+        "fp16_storage_mean_relative_error": torch.cat(fp16).mean().item(),
+    }
 
 
 def run_variant(project: Path, cache: str, train: str, seed: int = 0) -> dict:
@@ -59,14 +62,20 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--combos", nargs="+", default=["none/none", "bfloat16/none", "none/bfloat16", "bfloat16/bfloat16"],
-                    help="cache/train compute precisions (none = fp32)")
+    ap.add_argument(
+        "--combos",
+        nargs="+",
+        default=["none/none", "bfloat16/none", "none/bfloat16", "bfloat16/bfloat16"],
+        help="cache/train compute precisions (none = fp32)",
+    )
     args = ap.parse_args()
     project = Path(args.project).resolve()
     err = state_error(project, args.texts)
-    print(f"bf16 autocast trunk states vs fp32, {err['texts']} captions ({err['rows']} rows): relative error "
-          f"mean {err['mean_relative_error']:.4f}, max {err['max_relative_error']:.4f} "
-          f"(float16 storage alone: mean {err['fp16_storage_mean_relative_error']:.5f})")
+    print(
+        f"bf16 autocast trunk states vs fp32, {err['texts']} captions ({err['rows']} rows): relative error "
+        f"mean {err['mean_relative_error']:.4f}, max {err['max_relative_error']:.4f} "
+        f"(float16 storage alone: mean {err['fp16_storage_mean_relative_error']:.5f})"
+    )
     results = []
     if not args.skip_training:
         for combo in args.combos:

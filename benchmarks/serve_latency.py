@@ -55,8 +55,8 @@ def payloads(mix: str, n: int, rows: int, seed: int = 0) -> list[bytes]:
 
 
 def run(url: str, bodies: list[bytes], concurrency: int) -> dict:
-    with httpx.Client(base_url=url, timeout=120,
-                      limits=httpx.Limits(max_connections=concurrency)) as client:
+    with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         def one(body: bytes):
             t = time.perf_counter()
             r = client.post("/invocations", content=body, headers={"content-type": "application/json"})
@@ -68,10 +68,14 @@ def run(url: str, bodies: list[bytes], concurrency: int) -> dict:
             results = list(pool.map(one, bodies))
         wall = time.perf_counter() - start
     ok = np.array([t for t, s in results if s == 200])
-    return {"requests": len(bodies), "errors": sum(s != 200 for _, s in results), "wall_s": round(wall, 2),
-            "p50_ms": round(float(np.percentile(ok, 50)) * 1000, 1) if ok.size else None,
-            "p95_ms": round(float(np.percentile(ok, 95)) * 1000, 1) if ok.size else None,
-            "req_per_s": round(len(bodies) / wall, 2)}
+    return {
+        "requests": len(bodies),
+        "errors": sum(s != 200 for _, s in results),
+        "wall_s": round(wall, 2),
+        "p50_ms": round(float(np.percentile(ok, 50)) * 1000, 1) if ok.size else None,
+        "p95_ms": round(float(np.percentile(ok, 95)) * 1000, 1) if ok.size else None,
+        "req_per_s": round(len(bodies) / wall, 2),
+    }
 
 
 def main() -> None:
@@ -87,17 +91,30 @@ def main() -> None:
     rows = []
     for mix in args.mixes:
         r = run(args.url, payloads(mix, args.requests, args.rows), args.concurrency)
-        rows.append({"mix": mix, "rows_per_request": args.rows, "concurrency": args.concurrency, **r,
-                     "rows_per_s": round(r["req_per_s"] * args.rows, 2)})
+        rows.append(
+            {
+                "mix": mix,
+                "rows_per_request": args.rows,
+                "concurrency": args.concurrency,
+                **r,
+                "rows_per_s": round(r["req_per_s"] * args.rows, 2),
+            }
+        )
     print("| mix | rows/request | requests | concurrency | errors | p50 ms | p95 ms | requests/s | rows/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mix']} | {r['rows_per_request']} | {r['requests']} | {r['concurrency']} | {r['errors']} | "
-              f"{r['p50_ms']} | {r['p95_ms']} | {r['req_per_s']} | {r['rows_per_s']} |")
+        print(
+            f"| {r['mix']} | {r['rows_per_request']} | {r['requests']} | {r['concurrency']} | {r['errors']} | "
+            f"{r['p50_ms']} | {r['p95_ms']} | {r['req_per_s']} | {r['rows_per_s']} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"url": args.url, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0]}
+    meta = {
+        "url": args.url,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}; 1-min load average {meta['load_avg_1m']:.1f} on {meta['cpus']} CPUs")
 

@@ -21,16 +21,24 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mpe.base_model import resolve_base_model
-from mpe.text.lm_io import load_lm
 from mpe.config import TextConfig, VanillaTextConfig
-from mpe.text.apt_tokens import add_apt_tokens
-from mpe.text.prompt_sequence import PromptLayout, build_batch, tokenize_captions
-from mpe.text.tower import LLMTextTower
-from mpe.text.vanilla_clip import VanillaCLIPTextTower
+from mpe.model.base_model import resolve_base_model
+from mpe.model.text.apt_tokens import add_apt_tokens
+from mpe.model.text.lm_io import load_lm
+from mpe.model.text.prompt_sequence import PromptLayout, build_batch, tokenize_captions
+from mpe.model.text.tower import LLMTextTower
+from mpe.model.text.vanilla_clip import VanillaCLIPTextTower
 
-GEMMA_2B = dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
-                num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192)
+GEMMA_2B = dict(
+    vocab_size=256000,
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_hidden_layers=18,
+    num_attention_heads=8,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=8192,
+)
 
 
 def count(fn) -> float:
@@ -40,7 +48,7 @@ def count(fn) -> float:
 
 
 def gemma_flops(tokenizer, caption_tokens: int = 32, k: int = 6) -> dict[str, float]:
-    from transformers import GemmaConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GemmaConfig
 
     cfg = GemmaConfig(**GEMMA_2B)
     with torch.device("meta"):
@@ -84,8 +92,10 @@ def cpu_timing(captions: int, repeats: int, k: int = 4) -> dict[str, float]:
     lm, tok = load_lm(base, "sdpa")
     add_apt_tokens(lm, tok, k)
     tower = LLMTextTower(lm, tok, TextConfig(num_prompts=k, negation=True), embed_dim=256).eval()
-    caps = [f"a large red circle to the left of a small blue square number {i} on a striped background"
-            for i in range(captions)]
+    caps = [
+        f"a large red circle to the left of a small blue square number {i} on a striped background"
+        for i in range(captions)
+    ]
     ids = tokenize_captions(tok, caps, 64)
     batch = build_batch(ids, tower.layout, tower.pad_id)
 
@@ -96,8 +106,8 @@ def cpu_timing(captions: int, repeats: int, k: int = 4) -> dict[str, float]:
             x = torch.full((len(rows), t), tower.pad_id)
             m = torch.zeros((len(rows), t), dtype=torch.long)
             for i, r in enumerate(rows):
-                x[i, t - len(r):] = torch.tensor(r)
-                m[i, t - len(r):] = 1
+                x[i, t - len(r) :] = torch.tensor(r)
+                m[i, t - len(r) :] = 1
             lm.model(input_ids=x, attention_mask=m, use_cache=False)
 
     def timed(fn):
@@ -110,8 +120,11 @@ def cpu_timing(captions: int, repeats: int, k: int = 4) -> dict[str, float]:
         return statistics.median(ts)
 
     with torch.no_grad():
-        res = {"separate_s": timed(separate), "masked_s": timed(lambda: tower.readouts(batch)),
-               "trunk_fp32_s": timed(lambda: tower.trunk(batch))}
+        res = {
+            "separate_s": timed(separate),
+            "masked_s": timed(lambda: tower.readouts(batch)),
+            "trunk_fp32_s": timed(lambda: tower.trunk(batch)),
+        }
         with torch.autocast("cpu", dtype=torch.bfloat16):
             res["trunk_bf16_s"] = timed(lambda: tower.trunk(batch))
     res["tokens_per_caption"] = batch.length
@@ -129,29 +142,37 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
-    tok.add_special_tokens({"additional_special_tokens": [f"<APT-{i}>" for i in range(1, 7)]},
-                           replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": [f"<APT-{i}>" for i in range(1, 7)]}, replace_extra_special_tokens=False
+    )
     f = gemma_flops(tok)
     print("## FLOPs per caption (Gemma-2B-shaped, caption 32 tokens, K=6 + 6 negated)\n")
     print("| path | GFLOP |\n|---|---|")
-    for name, label in [("separate", "12 separate passes"), ("masked", "one masked pass"),
-                        ("top_full", "cached trunk + full top layer"),
-                        ("top_rows", "cached trunk + top layer at the 12 readout rows"),
-                        ("vanilla", "vanilla CLIP text tower (512 wide, 12 layers)")]:
+    for name, label in [
+        ("separate", "12 separate passes"),
+        ("masked", "one masked pass"),
+        ("top_full", "cached trunk + full top layer"),
+        ("top_rows", "cached trunk + top layer at the 12 readout rows"),
+        ("vanilla", "vanilla CLIP text tower (512 wide, 12 layers)"),
+    ]:
         print(f"| {label} | {f[name] / 1e9:.1f} |")
     if args.skip_cpu:
         return
     torch.set_num_threads(torch.get_num_threads())
     r = cpu_timing(args.captions, args.repeats)
-    print(f"\n## CPU time, SmolLM2-135M, {args.captions} captions, K=4 + 4 negated "
-          f"({r['tokens_per_caption']} tokens per masked row), {torch.get_num_threads()} threads\n")
-    print("| path | seconds (median of %d) |\n|---|---|" % args.repeats)
+    print(
+        f"\n## CPU time, SmolLM2-135M, {args.captions} captions, K=4 + 4 negated "
+        f"({r['tokens_per_caption']} tokens per masked row), {torch.get_num_threads()} threads\n"
+    )
+    print(f"| path | seconds (median of {args.repeats}) |\n|---|---|")
     print(f"| 8 batched separate passes | {r['separate_s']:.2f} |")
     print(f"| one masked pass | {r['masked_s']:.2f} |")
     print(f"| ratio masked / separate | {r['masked_s'] / r['separate_s']:.2f} |")
     print(f"| trunk (29 layers), fp32 | {r['trunk_fp32_s']:.2f} ({args.captions / r['trunk_fp32_s']:.1f} captions/s) |")
-    print(f"| trunk (29 layers), bf16 autocast | {r['trunk_bf16_s']:.2f} "
-          f"({args.captions / r['trunk_bf16_s']:.1f} captions/s) |")
+    print(
+        f"| trunk (29 layers), bf16 autocast | {r['trunk_bf16_s']:.2f} "
+        f"({args.captions / r['trunk_bf16_s']:.1f} captions/s) |"
+    )
 
 
 if __name__ == "__main__":

@@ -30,20 +30,27 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _setup(project: Path):
-    from mpe import storage
-    from mpe.cache_compute import cache_fields
-    from mpe.cache_store import open_active
+    from mpe.cache.compute import cache_fields
+    from mpe.cache.store import open_active
     from mpe.config import load_params
     from mpe.data.train_stream import StreamSpec, TrainLoader
-    from mpe.model import MultiPromptCLIP
+    from mpe.files import storage
+    from mpe.model.multi_prompt_clip import MultiPromptCLIP
 
     os.chdir(project)
     params = load_params("params.yaml")
     base = Path(params.base_model.out_dir)
     folder = open_active(params.cache.root, cache_fields(base, params.model.text, params.cache.dtype))
     data = storage.list_files(storage.join(params.data.out_dir, "shards", "train"), ".tar")
-    spec = StreamSpec(tuple(data), tuple(folder.shard_url("train", d) for d in data), params.train.batch_size,
-                      params.model.vision.image_size, 64, params.seed, workers=0)
+    spec = StreamSpec(
+        tuple(data),
+        tuple(folder.shard_url("train", d) for d in data),
+        params.train.batch_size,
+        params.model.vision.image_size,
+        64,
+        params.seed,
+        workers=0,
+    )
     batch = next(TrainLoader(spec))
     model = MultiPromptCLIP.from_base(base, params.model, seed=params.seed).train()
     return params, model, batch
@@ -73,13 +80,17 @@ def allreduce_seconds(numel: int) -> float:
 
 
 def measure(params, model, batch, autocast, steps: int) -> dict:
-    from mpe.optim import build_optimizer, build_scheduler
-    from mpe.train_step import Batch, train_step
+    from mpe.training.optim import build_optimizer, build_scheduler
+    from mpe.training.step import Batch, train_step
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, params.train.lr, params.train.weight_decay)
     sched = build_scheduler(opt, params.train.warmup_steps, 10_000)
-    b = Batch(model.vision.transform.normalize(batch["pixels"]), states=batch["states"].float(), caption_lens=batch["caption_lens"].tolist())
+    b = Batch(
+        model.vision.transform.normalize(batch["pixels"]),
+        states=batch["states"].float(),
+        caption_lens=batch["caption_lens"].tolist(),
+    )
     step = lambda: train_step(model, b, opt, sched, trainable, params.train.grad_clip, autocast=autocast)  # noqa: E731
     step()
     with FlopCounterMode(display=False) as fc:
@@ -93,8 +104,7 @@ def measure(params, model, batch, autocast, steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     regions = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("mpe.")}
-    return {"flops": flops, "seconds": min(times), "regions": regions,
-            "trainable": sum(p.numel() for p in trainable)}
+    return {"flops": flops, "seconds": min(times), "regions": regions, "trainable": sum(p.numel() for p in trainable)}
 
 
 def main() -> None:
@@ -116,16 +126,20 @@ def main() -> None:
         r["fraction_of_peak"] = r["flops"] / r["seconds"] / p
         rows[name] = r
     reduce_s = allreduce_seconds(rows["fp32"]["trainable"])
-    print(f"step of {params.train.batch_size} samples per worker, {args.threads} thread(s); "
-          f"{rows['fp32']['flops'] / 1e9:.1f} GFLOP per step; {rows['fp32']['trainable'] / 1e6:.2f} M trainable")
+    print(
+        f"step of {params.train.batch_size} samples per worker, {args.threads} thread(s); "
+        f"{rows['fp32']['flops'] / 1e9:.1f} GFLOP per step; {rows['fp32']['trainable'] / 1e6:.2f} M trainable"
+    )
     print("\n| precision | seconds / step | GFLOP/s | share of that precision's peak |\n|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['seconds']:.3f} | {r['flops'] / r['seconds'] / 1e9:.0f} | {r['fraction_of_peak']:.0%} |")
     print("\n| region (profiler, one step) | fp32 s | bf16 autocast s |\n|---|---|---|")
     for key in rows["fp32"]["regions"]:
         print(f"| {key} | {rows['fp32']['regions'][key]:.3f} | {rows['bf16 autocast']['regions'].get(key, 0):.3f} |")
-    print(f"| gradient all-reduce (2 gloo processes, {rows['fp32']['trainable'] / 1e6:.2f} M floats) | "
-          f"{reduce_s:.3f} | {reduce_s:.3f} |")
+    print(
+        f"| gradient all-reduce (2 gloo processes, {rows['fp32']['trainable'] / 1e6:.2f} M floats) | "
+        f"{reduce_s:.3f} | {reduce_s:.3f} |"
+    )
     out = ROOT / "metrics" / "train_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "allreduce_s": reduce_s, "threads": args.threads}, indent=1, default=str))

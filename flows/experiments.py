@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mpe.telemetry import disable_telemetry
+from mpe.runtime.telemetry import disable_telemetry
 
 disable_telemetry()
 
@@ -22,15 +22,16 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from mpe import storage  # noqa: E402
 from mpe.config import load_params  # noqa: E402
-from mpe.experiments.suite import RunSpec, expand, load_suite, suite_path  # noqa: E402
-from mpe.project_lock import project_lock  # noqa: E402
+from mpe.evaluation.experiments.suite import RunSpec, expand, load_suite, suite_path  # noqa: E402
+from mpe.records import EVAL, read_metrics  # noqa: E402
+from mpe.runtime.project_lock import project_lock  # noqa: E402
 from mpe.stages import base_model, cache, data, evaluate, reweight, train  # noqa: E402
-from mpe.tracking import parent_run  # noqa: E402
-from mpe.tracking_settings import tracking_settings  # noqa: E402
+from mpe.tracking.runs import parent_run  # noqa: E402
+from mpe.tracking.settings import tracking_settings  # noqa: E402
 
 
 def _done(spec: RunSpec) -> bool:
-    return (Path(spec.params.evaluate.out_dir) / "eval.json").exists()
+    return read_metrics(spec.params.metrics_dir, EVAL) is not None
 
 
 @task(name="suite-data", task_run_name="data {out}")
@@ -53,8 +54,14 @@ def run_cell(spec: RunSpec, analyse: bool) -> dict:
     report = evaluate.run(spec.params)
     if analyse and spec.params.model.text.num_prompts > 1 and "val" in spec.params.evaluate.splits:
         reweight.run(spec.params)
-    log.info("%s seed %s: t2i R@5 %.3f, i2t R@5 %.3f (%s steps)", spec.cell, spec.seed,
-             report["trained"]["text_to_image_R@5"], report["trained"]["image_to_text_R@5"], summary["steps"])
+    log.info(
+        "%s seed %s: t2i R@5 %.3f, i2t R@5 %.3f (%s steps)",
+        spec.cell,
+        spec.seed,
+        report["trained"]["text_to_image_R@5"],
+        report["trained"]["image_to_text_R@5"],
+        summary["steps"],
+    )
     return report["trained"]
 
 
@@ -66,8 +73,11 @@ def experiment_suite(name: str, form: str = "quick", project_dir: str = ".", onl
     with project_lock(project, wait=None, say=get_run_logger().info):  # one suite or run per project at a time
         suite = load_suite(suite_path(name, project))
         base = load_params(project / suite.base)
-        parent = parent_run(tracking_settings(base.mlflow), f"{name} ({form})",
-                            {"mpe.suite": name, "mpe.form": form, "mpe.suite_parent": "true"})
+        parent = parent_run(
+            tracking_settings(base.mlflow),
+            f"{name} ({form})",
+            {"mpe.suite": name, "mpe.form": form, "mpe.suite_parent": "true"},
+        )
         specs = [s for s in expand(suite, form, project, parent) if not only or s.cell in only]
         for out, spec in {s.params.data.out_dir: s for s in specs}.items():
             prepare_data(spec, out)

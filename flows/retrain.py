@@ -1,8 +1,8 @@
 """The retrain flow: the DVC stages of ``dvc.yaml`` in order, push to the DVC remote, register in MLflow.
 
-Thin by design: every task calls ``mpe``; the logic lives in the library. Run it once with
-``python -m flows.retrain`` (ephemeral local Prefect API) or ``mpe run``; serve it nightly with
-``mpe schedule`` or deploy it with ``prefect deploy`` (see prefect.yaml).
+Thin by design: every task calls ``mpe``; the logic lives in the library. Run it once with ``mpe run``
+(or ``python flows/retrain.py``); serve it nightly with ``mpe schedule`` or deploy it with ``prefect
+deploy`` (prefect.yaml). It is loaded by path, as Prefect loads an entrypoint: ``flows/`` is not a package.
 """
 
 from __future__ import annotations
@@ -11,21 +11,21 @@ import os
 import sys
 from pathlib import Path
 
-from mpe.telemetry import disable_telemetry
+from mpe.runtime.telemetry import disable_telemetry
 
 disable_telemetry()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from mpe.config import ScheduleConfig, load_params  # noqa: E402
-from mpe.dvc_runner import push, repro_stage, stage_names  # noqa: E402
+from mpe.config import load_params  # noqa: E402
 from mpe.errors import Interrupted  # noqa: E402
-from mpe.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
-from mpe.run_record import record_run  # noqa: E402
+from mpe.provenance.dvc import push, repro_stage, stage_names  # noqa: E402
+from mpe.provenance.run_record import record_run  # noqa: E402
+from mpe.runtime.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
-from mpe.tracking import fail_abandoned_runs  # noqa: E402
-from mpe.tracking_settings import tracking_settings  # noqa: E402
+from mpe.tracking.runs import fail_abandoned_runs  # noqa: E402
+from mpe.tracking.settings import tracking_settings  # noqa: E402
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
 # from its last checkpoint). Deterministic stages fail the same way twice; a Ctrl-C is never retried.
@@ -57,21 +57,29 @@ def record(project_dir: str) -> dict | None:
     """The run's lock and params, committed on the branch mpe/runs (none outside git: artifacts only)."""
     rec = record_run(Path(project_dir), str(flow_run.id) if flow_run.id else "local")
     if rec is None:
-        get_run_logger().info("%s is not a git repository: the run's dvc.lock and params are kept as MLflow "
-                              "artifacts only", project_dir)
+        get_run_logger().info(
+            "%s is not a git repository: the run's dvc.lock and params are kept as MLflow artifacts only", project_dir
+        )
     else:
-        get_run_logger().info("recorded this run's dvc.lock and params as %s on branch %s", rec["commit"][:12],
-                              rec["ref"])
+        get_run_logger().info(
+            "recorded this run's dvc.lock and params as %s on branch %s", rec["commit"][:12], rec["ref"]
+        )
     return rec
 
 
 @task(name="register")
 def register(params_path: str, project_dir: str, rec: dict | None) -> dict:
     params = load_params(Path(project_dir) / params_path)
-    result = register_stage.run(params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None,
-                                record=rec)
-    get_run_logger().info("registered %s version %s as @%s: %s", result["model_name"], result["version"],
-                          result["alias"], result["reason"])
+    result = register_stage.run(
+        params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None, record=rec
+    )
+    get_run_logger().info(
+        "registered %s version %s as @%s: %s",
+        result["model_name"],
+        result["version"],
+        result["alias"],
+        result["reason"],
+    )
     return result
 
 
@@ -84,43 +92,17 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     logger = get_run_logger()
     with project_lock(project_dir, wait=None, say=logger.info):
         params = load_params(Path(project_dir) / params_path)
-        for run_id in fail_abandoned_runs(tracking_settings(params.mlflow), {PROJECT_TAG: project_identity(project_dir)}):
+        for run_id in fail_abandoned_runs(
+            tracking_settings(params.mlflow), {PROJECT_TAG: project_identity(project_dir)}
+        ):
             logger.warning("MLflow run %s of this project was left running by a killed run: marked FAILED", run_id)
         for stage in stage_names(Path(project_dir)):
-            dvc_stage.with_options(retries=RETRIES.get(stage, 0), retry_delay_seconds=5,
-                                   retry_condition_fn=_unless_interrupted)(stage, project_dir)
+            dvc_stage.with_options(
+                retries=RETRIES.get(stage, 0), retry_delay_seconds=5, retry_condition_fn=_unless_interrupted
+            )(stage, project_dir)
         if params.dvc.push:
             dvc_push(project_dir, params.dvc.remote)
         return register(params_path, project_dir, record(project_dir))
-
-
-def ensure_work_pool(name: str = "local-process") -> None:
-    """Create the process work pool through Prefect's API.
-
-    ``prefect work-pool create`` asks the server for the pool types it knows, and the server fetches
-    Prefect's collection registry from GitHub for that; this call needs no network.
-    """
-    import anyio
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
-
-    async def create() -> None:
-        async with get_client() as client:
-            try:
-                await client.create_work_pool(WorkPoolCreate(
-                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
-            except ObjectAlreadyExists:
-                pass
-
-    anyio.run(create)
-
-
-def serve_nightly(schedule: ScheduleConfig, params_path: str = "params.yaml") -> None:
-    """Serve the flow on ``schedule.cron`` from this process (Ctrl-C stops it)."""
-    retrain.serve(name=schedule.deployment, cron=schedule.cron, global_limit=1,
-                  parameters={"params_path": params_path, "project_dir": str(Path.cwd())})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Errors a user can act on. The CLI prints their one-line message and exits 2 (traceback only with
-``--debug``); anything else is a bug and keeps its traceback."""
+``--debug``); anything else is a bug and keeps its traceback. Code that finds bad input raises one of these
+(naming the file, key or row), never a bare ``ValueError``, which stays a programming error."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def user_message(err: BaseException) -> str | None:
         where = err.filename or "a file"
         return f"{where}: no space left on the device; free some space and rerun (finished work is kept)"
     if isinstance(err, PermissionError):
-        return f"{err.filename or err}: permission denied; make it (and its folder) writable, or point the params elsewhere"
+        where = err.filename or err
+        return f"{where}: permission denied; make it (and its folder) writable, or point the params elsewhere"
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return f"{err.filename}: {err.strerror.lower()}" if err.filename else str(err)
     if name == "SafetensorError":
@@ -62,6 +64,4 @@ def user_message(err: BaseException) -> str | None:
         inner = [line for line in str(err).splitlines() if line.strip()]
         mpe_lines = [line for line in inner if line.startswith("mpe.")]
         return "training failed on a worker: " + (mpe_lines[-1] if mpe_lines else inner[-1] if inner else name)
-    if isinstance(err, (ValueError, UnicodeDecodeError)):
-        return str(err)
     return None

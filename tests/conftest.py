@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mpe.telemetry import disable_telemetry  # noqa: E402
+from mpe.runtime.telemetry import disable_telemetry  # noqa: E402
 
 disable_telemetry()
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # tests only start local Ray on 127.0.0.1
@@ -17,14 +17,24 @@ from tests.session_temp import claim  # noqa: E402
 # Before anything asks for a temp folder: the whole run's temporary state in one folder of its own.
 SESSION_TEMP, OWNS_SESSION_TEMP = claim()
 
-import copy
+import copy  # noqa: E402
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from mpe.base_model import resolve_base_model
+from mpe.model.base_model import resolve_base_model  # noqa: E402
 
 ARCHS = ["llama", "gemma", "gemma2", "qwen2", "gpt2"]
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into this process's environment, and an ``mpe``
+    command started later by another test would inherit it and track to that test's store: every test
+    starts without it (a test that wants it sets it)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def pytest_unconfigure(config):
@@ -52,8 +62,15 @@ def tiny_config(arch: str, vocab_size: int, attn: str = "eager"):
     """A small random config of ``arch`` (3 layers, width 64)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if arch == "llama":
         cfg = tf.LlamaConfig(**common)
     elif arch == "gemma":
@@ -64,8 +81,16 @@ def tiny_config(arch: str, vocab_size: int, attn: str = "eager"):
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**common)
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=256,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
     else:
         raise ValueError(arch)
     cfg._attn_implementation = attn
@@ -79,7 +104,7 @@ def tiny_lm(arch: str, tokenizer, attn: str = "eager", seed: int = 0):
     lm = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), attn), attn_implementation=attn)
     # Random init has tiny weights; scale up so that layers do real mixing and bugs show.
     with torch.no_grad():
-        for n, p in lm.named_parameters():
+        for p in lm.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.15)
     return lm.eval()
@@ -105,7 +130,8 @@ def tracking_server():
     import tempfile
     from pathlib import Path
 
-    from mpe.tracking_server import free_port, port_free, status
+    from mpe.runtime.loopback import free_port, port_free
+    from mpe.tracking.server import status
 
     # In the run's 0755 folder, not pytest's 0700 one: as root, PostgreSQL runs as an unprivileged user who
     # must reach it.
@@ -115,16 +141,21 @@ def tracking_server():
     cmd = [sys.executable, "-m", "mpe.cli", "tracking-server"]
     repo = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run([*cmd, "start", "--dir", str(folder), "--port", str(port), "--workers", "1"], cwd=repo,
-                             capture_output=True, text=True, timeout=400)
+        out = subprocess.run(
+            [*cmd, "start", "--dir", str(folder), "--port", str(port), "--workers", "1"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert out.returncode == 0, f"tracking server did not start:\n{out.stdout}\n{out.stderr}"
         pg_port = status(folder)["pg_port"]
         yield {"uri": f"http://127.0.0.1:{port}", "dir": folder, "pg_port": pg_port}
     finally:
-        out = subprocess.run([*cmd, "stop", "--dir", str(folder)], cwd=repo, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [*cmd, "stop", "--dir", str(folder)], cwd=repo, capture_output=True, text=True, timeout=120
+        )
         shutil.rmtree(folder, ignore_errors=True)
         assert out.returncode == 0, f"tracking server did not stop:\n{out.stdout}\n{out.stderr}"
         left = [p for p in (port, pg_port) if p and not port_free(p)]
         assert not left, f"ports still listening after `mpe tracking-server stop`: {left}"
-

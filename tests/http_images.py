@@ -66,7 +66,7 @@ class ImageServer:
                     self.send_header("X-Robots-Tag", "noai")
                 self.end_headers()
                 # a truncated body: the promised length, half of it sent, then the connection closes
-                self.wfile.write(body[:len(body) // 2] if kind == "truncated" else body)
+                self.wfile.write(body[: len(body) // 2] if kind == "truncated" else body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -77,7 +77,7 @@ class ImageServer:
         self.routes[path] = (kind, image_bytes(colour, fmt, size), TYPES[fmt][1])
         return self.url + path
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         self._thread.start()
         return self
 

@@ -32,8 +32,11 @@ def _targets(node, current: str, files: dict[str, Path]) -> list[str]:
         names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):
         if node.level:  # relative import
-            base = current.split(".")[: -node.level] if not is_package(current, files) else current.split(".")[
-                : len(current.split(".")) - node.level + 1]
+            base = (
+                current.split(".")[: -node.level]
+                if not is_package(current, files)
+                else current.split(".")[: len(current.split(".")) - node.level + 1]
+            )
             mod = ".".join(base + ([node.module] if node.module else []))
         else:
             mod = node.module or ""
@@ -77,12 +80,17 @@ def layer_table(doc: Path = ROOT / "docs" / "ARCHITECTURE.md") -> list[tuple[str
 
 
 def layer_of(module: str, table) -> int | None:
+    """The layer of ``module``: a pattern naming it exactly wins (a per-file exception), else the longest
+    ``folder/*`` pattern it falls under."""
     path = module.replace(".", "/")
+    best, best_len = None, -1
     for i, (_, patterns) in enumerate(table):
         for pat in patterns:
-            if pat.endswith("/*") and path.startswith(pat[:-1]) or path == pat:
+            if path == pat:
                 return i
-    return None
+            if pat.endswith("/*") and path.startswith(pat[:-1]) and len(pat) > best_len:
+                best, best_len = i, len(pat)
+    return best
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -148,8 +156,8 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-# Files a module reads as code without importing them: tracking logs mlflow_pyfunc.py as the model's code.
-FILE_EDGES = {"mpe.tracking": {"mpe.mlflow_pyfunc"}}
+# Files a module reads as code without importing them: the pyfunc file is logged as the model's code.
+FILE_EDGES = {"mpe.serving.mlflow_model": {"mpe.serving.pyfunc"}}
 
 
 def stage_code_deps(graph: dict[str, set[str]], stage: str) -> set[str]:
@@ -196,8 +204,10 @@ def params_keys(stage_file: Path) -> tuple[set[str], list[str]]:
 def uncovered_and_unused(read: set[str], declared: list[str]) -> tuple[set[str], set[str]]:
     """Keys read but covered by no declared key (a declared key covers itself and everything below it),
     and declared keys that nothing read falls under."""
+
     def covers(d, k):
         return k == d or k.startswith(d + ".")
+
     uncovered = {k for k in read if not any(covers(d, k) for d in declared)}
     unused = {d for d in declared if not any(covers(d, k) for k in read)}
     return uncovered, unused

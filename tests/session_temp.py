@@ -52,7 +52,7 @@ def _processes_naming(folder: Path) -> list[int]:
 def reap(folder: Path) -> list[str]:
     """Stop what a dead test run left in ``folder`` (tracking servers, then any process naming the folder)
     and remove it; returns what was stopped."""
-    from mpe.tracking_server import stop
+    from mpe.tracking.server import stop
 
     stopped = []
     for state in folder.rglob("server.json"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from mpe.atomic import atomic_path
+from mpe.files.atomic import atomic_path
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -24,7 +24,8 @@ def is_canonical(tar: Path) -> bool:
     with tarfile.open(tar) as t:
         names = [(m.name, m.mtime) for m in t]
     return all(mtime == 0 for _, mtime in names) and [n for n, _ in names] == sorted(
-        (n for n, _ in names), key=_sample_key)
+        (n for n, _ in names), key=_sample_key
+    )
 
 
 def canonicalize_tar(tar: Path) -> bool:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpe import storage
 from mpe.data.loader import split_captions
+from mpe.files import storage
 
 NEGATION_FILE = "negation.json"
 ZERO_SHOT_FILE = "zero_shot.json"

@@ -1,4 +1,4 @@
-"""Reading whole splits of webdataset shards (the evaluation sets), through ``mpe.storage`` (a folder or
+"""Reading whole splits of webdataset shards (the evaluation sets), through ``mpe.files.storage`` (a folder or
 any fsspec URL); training streams through ``mpe.data.train_stream``. Bad samples (undecodable image,
 empty caption) are skipped and counted, never fatal."""
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mpe import storage
-from mpe.data.tar_stream import caption_of, captions, image_of, iter_samples as iter_tar
+from mpe.data.tar_stream import caption_of, captions, image_of
+from mpe.data.tar_stream import iter_samples as iter_tar
+from mpe.files import storage
 
 
 @dataclass

@@ -11,14 +11,21 @@ from mpe.config import MetadataFilterConfig
 from mpe.errors import DataError
 
 # filter key → the LAION columns it reads
-COLUMNS = {"min_similarity": ("similarity",), "max_punsafe": ("punsafe",), "max_pwatermark": ("pwatermark",),
-           "min_image_size": ("WIDTH", "HEIGHT"), "max_aspect_ratio": ("WIDTH", "HEIGHT")}
+COLUMNS = {
+    "min_similarity": ("similarity",),
+    "max_punsafe": ("punsafe",),
+    "max_pwatermark": ("pwatermark",),
+    "min_image_size": ("WIDTH", "HEIGHT"),
+    "max_aspect_ratio": ("WIDTH", "HEIGHT"),
+}
 
 
 def _numeric(df: pd.DataFrame, col: str, key: str, path: Path) -> pd.Series:
     if col not in df.columns:
-        raise DataError(f"{path}: data.filters.{key} is set but the list has no column '{col}' "
-                        f"(columns: {', '.join(map(str, df.columns))})")
+        raise DataError(
+            f"{path}: data.filters.{key} is set but the list has no column '{col}' "
+            f"(columns: {', '.join(map(str, df.columns))})"
+        )
     return pd.to_numeric(df[col], errors="coerce")
 
 

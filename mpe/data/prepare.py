@@ -18,16 +18,16 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from mpe.atomic import atomic_path, write_json, write_text
 from mpe.config import DataConfig
 from mpe.data.canonical_shards import canonicalize_folder
 from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
-from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.metadata_filter import filter_rows
-from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
+from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.stats import STATS_FILE, by_class, shard_manifest, shard_stats
+from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
 from mpe.errors import DataError
-from mpe.hashing import file_sha256, fingerprint
+from mpe.files.atomic import atomic_path, write_json, write_text
+from mpe.files.hashing import file_sha256, fingerprint
 
 SPLITS = ("train", "val", "test", "negation")
 EXTRA_COLUMNS = ["id", "main_colour", "main_shape", "compositional"]
@@ -60,8 +60,9 @@ def _save_png(img, target: Path) -> None:
 def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]:
     """Render the shapes world into ``out/raw`` and write one URL list per split."""
     s = cfg.shapes
-    plan = plan_splits(s.train_captions, s.val_captions, s.test_captions, s.negation_queries,
-                       s.held_out_pairs, s.p_secondary, seed)
+    plan = plan_splits(
+        s.train_captions, s.val_captions, s.test_captions, s.negation_queries, s.held_out_pairs, s.p_secondary, seed
+    )
     rows: dict[str, list[dict]] = {k: [] for k in SPLITS}
     jobs = []
 
@@ -71,8 +72,16 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     def add(split, ident, scene, caption, compositional=False, render_seed=0):
         path = out / "raw" / split / f"{ident}.png"
         jobs.append((scene, path, render_seed))
-        rows[split].append({"URL": file_url(path, relative), "TEXT": caption, "id": ident, "main_colour": scene.main.colour,
-                            "main_shape": scene.main.shape, "compositional": compositional})
+        rows[split].append(
+            {
+                "URL": file_url(path, relative),
+                "TEXT": caption,
+                "id": ident,
+                "main_colour": scene.main.colour,
+                "main_shape": scene.main.shape,
+                "compositional": compositional,
+            }
+        )
 
     for i, scene in enumerate(plan.train):
         for j in range(s.images_per_caption):
@@ -82,8 +91,10 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     for i, (scene, comp) in enumerate(zip(plan.test, plan.test_compositional)):
         add("test", f"test-{i:05d}", scene, scene.caption(), comp, render_seed=seed + 8_000_000 + i)
     rng = random.Random(seed * 104729 + 5)
-    aspects = [{"id": f"test-{i:05d}", "caption": scene.caption(), "variants": aspect_variants(scene, rng)}
-               for i, scene in enumerate(plan.test[:s.aspect_probes])]
+    aspects = [
+        {"id": f"test-{i:05d}", "caption": scene.caption(), "variants": aspect_variants(scene, rng)}
+        for i, scene in enumerate(plan.test[: s.aspect_probes])
+    ]
     negation = []
     for i, (query, without, with_neg) in enumerate(plan.negation):
         rs = seed + 9_000_000 + i  # the same seed: the two images differ only in the negated object
@@ -134,9 +145,11 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
             if stale not in listed:
                 stale.unlink()
         if not any(split in p for p in lists.values()):
-            raise DataError(f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
-                            f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "
-                            f"{cfg.test_fraction})")
+            raise DataError(
+                f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
+                f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "
+                f"{cfg.test_fraction})"
+            )
     return lists, report
 
 
@@ -146,14 +159,30 @@ def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: li
     from img2dataset import download
 
     out.mkdir(parents=True, exist_ok=True)
-    download(url_list=str(url_list), output_folder=str(out), input_format="parquet", url_col="URL",
-             caption_col="TEXT", save_additional_columns=extra_columns or None, output_format="webdataset",
-             image_size=cfg.image_size, resize_mode="border", encode_format="jpg", encode_quality=95,
-             processes_count=cfg.processes, thread_count=cfg.threads,
-             number_sample_per_shard=cfg.samples_per_shard, distributor=cfg.distributor,
-             timeout=cfg.timeout, retries=cfg.retries, incremental_mode="incremental",
-             max_image_area=cfg.max_image_area, disallowed_header_directives=list(cfg.disallowed_header_directives),
-             enable_wandb=False, compute_hash=None)
+    download(
+        url_list=str(url_list),
+        output_folder=str(out),
+        input_format="parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        save_additional_columns=extra_columns or None,
+        output_format="webdataset",
+        image_size=cfg.image_size,
+        resize_mode="border",
+        encode_format="jpg",
+        encode_quality=95,
+        processes_count=cfg.processes,
+        thread_count=cfg.threads,
+        number_sample_per_shard=cfg.samples_per_shard,
+        distributor=cfg.distributor,
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        incremental_mode="incremental",
+        max_image_area=cfg.max_image_area,
+        disallowed_header_directives=list(cfg.disallowed_header_directives),
+        enable_wandb=False,
+        compute_hash=None,
+    )
     canonicalize_folder(out)
     return shard_stats(out)
 
@@ -180,9 +209,11 @@ def check_success(stats: dict, floor: float, out: Path) -> None:
     if total["success_rate"] < floor:
         classes = ", ".join(f"{k}: {v}" for k, v in total["status_class"].items())
         messages = "; ".join(f"{k}: {v}" for k, v in sorted(total["status"].items(), key=lambda kv: -kv[1])[:8])
-        raise DataError(f"{total['successes']}/{total['count']} images downloaded ({total['success_rate']:.1%} < "
-                        f"data.min_success_rate {floor:.0%}); by status class: {classes} (messages: {messages}). "
-                        f"Per-row errors: {out / 'shards'}/<split>/*.parquet (column error_message)")
+        raise DataError(
+            f"{total['successes']}/{total['count']} images downloaded ({total['success_rate']:.1%} < "
+            f"data.min_success_rate {floor:.0%}); by status class: {classes} (messages: {messages}). "
+            f"Per-row errors: {out / 'shards'}/<split>/*.parquet (column error_message)"
+        )
 
 
 def repair_shards(folder: Path, manifest: dict[str, dict]) -> list[str]:
@@ -200,8 +231,20 @@ def repair_shards(folder: Path, manifest: dict[str, dict]) -> list[str]:
 
 # what the shards of a list depend on besides the list itself (where they go, how fast, and what is
 # accepted afterwards do not change what is fetched)
-NOT_FETCH = {"out_dir", "processes", "threads", "distributor", "skip_corrupt_shards", "min_success_rate", "url_list",
-             "filters", "test_fraction", "url_col", "caption_col", "encoding"}
+NOT_FETCH = {
+    "out_dir",
+    "processes",
+    "threads",
+    "distributor",
+    "skip_corrupt_shards",
+    "min_success_rate",
+    "url_list",
+    "filters",
+    "test_fraction",
+    "url_col",
+    "caption_col",
+    "encoding",
+}
 
 
 def _download_fingerprint(cfg: DataConfig, url_list: Path) -> str:
@@ -211,8 +254,11 @@ def _download_fingerprint(cfg: DataConfig, url_list: Path) -> str:
 def _part_files(folder: Path, part: str) -> list[Path]:
     """The shard files (tar, parquet, stats) of one part in a split folder: ``<part>-<n>.tar`` etc."""
     prefix = part + "-"
-    return [f for f in folder.iterdir() if f.name.startswith(prefix) and f.name[len(prefix):].split(".")[0]
-            .removesuffix("_stats").isdigit()]
+    return [
+        f
+        for f in folder.iterdir()
+        if f.name.startswith(prefix) and f.name[len(prefix) :].split(".")[0].removesuffix("_stats").isdigit()
+    ]
 
 
 def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: DataConfig) -> str:
@@ -226,9 +272,14 @@ def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: D
     if marker.exists():
         record = json.loads(marker.read_text())
         tars = {n: f for n, f in mine.items() if n.endswith(".tar")}
-        if record["fingerprint"] == fp and set(tars) == set(record["shards"]) and all(
+        if (
+            record["fingerprint"] == fp
+            and set(tars) == set(record["shards"])
+            and all(
                 f.stat().st_size == record["shards"][n]["size"] and file_sha256(f) == record["shards"][n]["sha256"]
-                for n, f in tars.items()):
+                for n, f in tars.items()
+            )
+        ):
             return "kept"
     marker.unlink(missing_ok=True)
     for f in mine.values():
@@ -242,8 +293,11 @@ def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: D
     for f in sorted(staging.iterdir()):
         if f.is_file() and f.suffix in (".tar", ".parquet", ".json"):
             os.replace(f, folder / f"{part}-{f.name}")
-    shards = {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
-              for f in _part_files(folder, part) if f.suffix == ".tar"}
+    shards = {
+        f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in _part_files(folder, part)
+        if f.suffix == ".tar"
+    }
     write_json(marker, {"fingerprint": fp, "shards": shards})  # written last: a part is whole only with it
     shutil.rmtree(staging)
     return "downloaded"
@@ -257,7 +311,9 @@ def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dic
     for split in ("train", "test"):
         folder = out / "shards" / split
         folder.mkdir(parents=True, exist_ok=True)
-        mine = {f"{p}-" for p, s in lists.items() if split in s} | {f"{p}.fingerprint" for p, s in lists.items() if split in s}
+        mine = {f"{p}-" for p, s in lists.items() if split in s} | {
+            f"{p}.fingerprint" for p, s in lists.items() if split in s
+        }
         for f in folder.iterdir():  # shards of parts no longer listed, or of another source
             if not any(f.name.startswith(m) for m in mine):
                 shutil.rmtree(f) if f.is_dir() else f.unlink()

@@ -13,19 +13,44 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
-           "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}
+from mpe.errors import ConfigError
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
 SHAPES = ["circle", "square", "triangle", "star", "cross", "heart"]
 SIZES = ["small", "large"]
 POSITIONS = ["left", "right", "top", "bottom", "center"]
 BACKGROUNDS = ["plain gray", "plain white", "green grass", "blue sky", "striped", "dotted"]
-RELATIONS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
-             "above": ("top", "bottom"), "below": ("bottom", "top")}
+RELATIONS = {
+    "to the left of": ("left", "right"),
+    "to the right of": ("right", "left"),
+    "above": ("top", "bottom"),
+    "below": ("bottom", "top"),
+}
 # colours that would vanish on a background
-CLASHES = {"plain white": {"white"}, "green grass": {"green"}, "blue sky": {"blue"}, "plain gray": set(),
-           "striped": set(), "dotted": set()}
-POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-                   "center": "in the center"}
+CLASHES = {
+    "plain white": {"white"},
+    "green grass": {"green"},
+    "blue sky": {"blue"},
+    "plain gray": set(),
+    "striped": set(),
+    "dotted": set(),
+}
+POSITION_PHRASE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 
 
 @dataclass(frozen=True)
@@ -93,8 +118,9 @@ def sample_scene(rng: random.Random, pairs_ok, p_secondary: float, main_ok=None)
 def _anchor(position: str, size: int, rng: random.Random, jitter: float) -> tuple[float, float]:
     c = size / 2
     off = size * 0.27
-    x, y = {"left": (c - off, c), "right": (c + off, c), "top": (c, c - off), "bottom": (c, c + off),
-            "center": (c, c)}[position]
+    x, y = {"left": (c - off, c), "right": (c + off, c), "top": (c, c - off), "bottom": (c, c + off), "center": (c, c)}[
+        position
+    ]
     j = size * jitter
     return x + rng.uniform(-j, j), y + rng.uniform(-j, j)
 
@@ -123,9 +149,24 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, canva
         draw.polygon(_polygon_star(cx, cy, r * 1.1), fill=fill, outline=outline)
     elif obj.shape == "cross":
         w = r * 0.38
-        draw.polygon([(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                      (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                      (cx - r, cy - w), (cx - w, cy - w)], fill=fill, outline=outline)
+        draw.polygon(
+            [
+                (cx - w, cy - r),
+                (cx + w, cy - r),
+                (cx + w, cy - w),
+                (cx + r, cy - w),
+                (cx + r, cy + w),
+                (cx + w, cy + w),
+                (cx + w, cy + r),
+                (cx - w, cy + r),
+                (cx - w, cy + w),
+                (cx - r, cy + w),
+                (cx - r, cy - w),
+                (cx - w, cy - w),
+            ],
+            fill=fill,
+            outline=outline,
+        )
     elif obj.shape == "heart":
         q = r * 0.52
         draw.ellipse([cx - r, cy - r * 0.75, cx - r + 2 * q, cy - r * 0.75 + 2 * q], fill=fill)
@@ -198,8 +239,9 @@ class SplitPlan:
     held_out: set = field(default_factory=set)
 
 
-def plan_splits(train: int, val: int, test: int, negation: int, held_out: int, p_secondary: float,
-                seed: int) -> SplitPlan:
+def plan_splits(
+    train: int, val: int, test: int, negation: int, held_out: int, p_secondary: float, seed: int
+) -> SplitPlan:
     """Unique captions per split, no caption shared across splits, held-out pairs only in test.
 
     Half of the test captions have a held-out pair as their main object (compositional), half are
@@ -216,7 +258,10 @@ def plan_splits(train: int, val: int, test: int, negation: int, held_out: int, p
         while len(out) < n:
             tries += 1
             if tries > 200 * n + 1000:
-                raise ValueError(f"the shapes world has too few distinct captions for {n} more (asked too many)")
+                raise ConfigError(
+                    f"data.shapes: the shapes world has too few distinct captions for {n} more; "
+                    "ask for fewer train/val/test captions"
+                )
             s = sample_scene(rng, pairs_ok, p_secondary, main_ok)
             c = s.caption()
             if c not in used:
@@ -254,8 +299,10 @@ def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
     One grid of prompts "a {colour} {shape}" serves both tasks: a shape's prompts are its phrase in
     every colour, a colour's its phrase on every shape (prompt ensembling, as CLIP does with templates).
     """
-    return {"shape": {s: [f"a {c} {s}" for c in COLOURS] for s in SHAPES},
-            "colour": {c: [f"a {c} {s}" for s in SHAPES] for c in COLOURS}}
+    return {
+        "shape": {s: [f"a {c} {s}" for c in COLOURS] for s in SHAPES},
+        "colour": {c: [f"a {c} {s}" for s in SHAPES] for c in COLOURS},
+    }
 
 
 ASPECTS = ("colour", "shape", "size", "position", "background")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mpe import storage
 from mpe.errors import DataError, StageInputError
+from mpe.files import storage
 
 STATS_FILE = "stats.json"
 
@@ -67,8 +67,10 @@ def read_stats(out: str | Path) -> dict:
 
 def shard_manifest(folder: str | Path) -> dict[str, dict]:
     """``{shard name: {"size", "sha256"}}`` of the finished shards in ``folder``: what later stages check."""
-    return {storage.name(url): {"size": storage.size(url), "sha256": storage.sha256(url)}
-            for url in storage.list_files(str(folder), ".tar")}
+    return {
+        storage.name(url): {"size": storage.size(url), "sha256": storage.sha256(url)}
+        for url in storage.list_files(str(folder), ".tar")
+    }
 
 
 def verified_shards(data_root: str | Path, split: str, skip_corrupt: bool = False) -> tuple[list[str], list[str]]:
@@ -81,14 +83,17 @@ def verified_shards(data_root: str | Path, split: str, skip_corrupt: bool = Fals
     if manifest is None:  # data written before shard manifests existed: nothing to check against
         return urls, []
     present = {storage.name(u): u for u in urls}
-    bad = sorted(name for name, info in manifest.items()
-                 if name not in present or storage.size(present[name]) != info["size"])
+    bad = sorted(
+        name for name, info in manifest.items() if name not in present or storage.size(present[name]) != info["size"]
+    )
     bad += sorted(name for name in present if name not in manifest)
     if bad and not skip_corrupt:
         name = bad[0]
         have = f"{storage.size(present[name])} bytes" if name in present else "missing"
         want = f"{manifest[name]['size']} bytes" if name in manifest else "not written by the data stage"
-        raise DataError(f"{storage.join(folder, name)}: {have}, expected {want} ({len(bad)} bad shard(s) in "
-                        f"{split}); rerun `mpe data` to repair, or set data.skip_corrupt_shards: true to leave "
-                        "them out")
+        raise DataError(
+            f"{storage.join(folder, name)}: {have}, expected {want} ({len(bad)} bad shard(s) in "
+            f"{split}); rerun `mpe data` to repair, or set data.skip_corrupt_shards: true to leave "
+            "them out"
+        )
     return [present[n] for n in sorted(present) if n not in bad], bad

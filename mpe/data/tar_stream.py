@@ -1,13 +1,13 @@
 """Streaming the samples of a webdataset shard: consecutive tar members grouped by key, read through
-``mpe.storage`` (local or remote), never the whole shard in memory. One rule for what a sample's
+``mpe.files.storage`` (local or remote), never the whole shard in memory. One rule for what a sample's
 caption is, shared by the cache stage and the training loader, so the two walk a shard in lockstep."""
 
 from __future__ import annotations
 
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
-from mpe import storage
+from mpe.files import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mpe.cache_store import ShardReader, decode, left_pad, text_digest
+from mpe.cache.store import ShardReader, decode, left_pad, text_digest
 from mpe.data.tar_stream import caption_of, image_of, iter_samples
 from mpe.errors import DataError
-from mpe.vision.preprocess import ImageTransform
+from mpe.model.vision.preprocess import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class Raw:
 @dataclass
 class SlotState:
     epoch: int = 0
-    pos: int = 0       # index into this epoch's shard list of the slot
-    offset: int = 0    # next sample offset to read in that shard
+    pos: int = 0  # index into this epoch's shard list of the slot
+    offset: int = 0  # next sample offset to read in that shard
     buffer: list = field(default_factory=list)  # [[pos, offset], …] of the buffered samples, in order
     rng: list | None = None
 
@@ -110,7 +110,7 @@ class SlotStream:
     def epoch_shards(self, epoch: int) -> list[int]:
         order = list(range(len(self.spec.data_shards)))
         random.Random(self.spec.seed * 7919 + epoch).shuffle(order)  # the same on every slot
-        return order if self.by_sample else order[self.slot::self.n_slots]
+        return order if self.by_sample else order[self.slot :: self.n_slots]
 
     def _read(self, shard: int, start: int = 0, only: set[int] | None = None):
         """``(offset, Raw)`` of this slot's samples of ``shard`` from ``start`` (or just those in ``only``)."""
@@ -130,16 +130,20 @@ class SlotStream:
                 e = entry
                 entry += 1
                 if cache is not None and (e >= len(cache) or cache.keys[e] != key):
-                    raise DataError(f"cache shard {cache.url} does not match data shard {data_url} at sample "
-                                    f"{key}: rerun `mpe cache`")
+                    raise DataError(
+                        f"cache shard {cache.url} does not match data shard {data_url} at sample "
+                        f"{key}: rerun `mpe cache`"
+                    )
                 if not (wanted and mine):
                     continue
                 raw = Raw(key, image_of(files), caption)
                 if cache is not None:
                     u = int(cache.sample_text[e])
                     if bytes(cache.text_sha256[u].tolist()) != text_digest(caption):
-                        raise DataError(f"cache shard {cache.url} holds another caption for sample {key} of "
-                                        f"{data_url}: rerun `mpe cache`")
+                        raise DataError(
+                            f"cache shard {cache.url} holds another caption for sample {key} of "
+                            f"{data_url}: rerun `mpe cache`"
+                        )
                     raw.states, raw.scales = cache.stored_rows(u)
                     raw.caption_len = int(cache.caption_lens[u])
                 yield offset, raw
@@ -181,13 +185,15 @@ class SlotStream:
                 self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
                 return self.buffer.pop()[1]
             if not self.read_this_epoch:
-                raise DataError(f"slot {self.slot}: no usable samples in its {len(shards)} shards "
-                                f"({dict(self.skipped)} skipped)")
+                raise DataError(
+                    f"slot {self.slot}: no usable samples in its {len(shards)} shards ({dict(self.skipped)} skipped)"
+                )
             self.epoch, self.pos, self.offset, self.read_this_epoch = self.epoch + 1, 0, 0, False
 
     def state(self) -> dict:
-        return SlotState(self.epoch, self.pos, self.offset, [list(p) for p, _ in self.buffer],
-                         _rng_to_json(self.rng)).to_json()
+        return SlotState(
+            self.epoch, self.pos, self.offset, [list(p) for p, _ in self.buffer], _rng_to_json(self.rng)
+        ).to_json()
 
     def next_batch(self) -> dict:
         """A collated batch and this slot's state after it."""
@@ -210,8 +216,13 @@ class SlotStream:
                 rows = raw.states if raw.scales is None else decode(raw.states, raw.scales)
                 states.append(rows)
                 lens.append(raw.caption_len)
-        batch = {"pixels": torch.stack(pixels), "keys": keys, "captions": captions, "state": self.state(),
-                 "skipped": dict(self.skipped)}
+        batch = {
+            "pixels": torch.stack(pixels),
+            "keys": keys,
+            "captions": captions,
+            "state": self.state(),
+            "skipped": dict(self.skipped),
+        }
         if states:
             batch["states"] = left_pad(states)
             batch["caption_lens"] = torch.tensor(lens)
@@ -231,8 +242,7 @@ class ShardStreamDataset(torch.utils.data.IterableDataset):
         logical = (physical + self.first_worker) % n
         if info is not None:
             torch.set_num_threads(1)  # per-sample tensor work is many times slower with the default
-        stream = SlotStream(self.spec, self.spec.rank * n + logical, self.spec.world * n,
-                            self.resume.get(str(logical)))
+        stream = SlotStream(self.spec, self.spec.rank * n + logical, self.spec.world * n, self.resume.get(str(logical)))
         while True:
             batch = stream.next_batch()
             batch["worker"] = logical

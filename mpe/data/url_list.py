@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from mpe.errors import DataError
-from mpe.hashing import file_sha256
+from mpe.files.hashing import file_sha256
 
 
 def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, str]:
@@ -34,15 +34,18 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
                 try:
                     v = bytes(v).decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise DataError(f"{path}: column '{col}', row {i}: not UTF-8 text ({err.reason} at byte "
-                                    f"{err.start}); re-encode the column as UTF-8 strings") from None
+                    raise DataError(
+                        f"{path}: column '{col}', row {i}: not UTF-8 text ({err.reason} at byte "
+                        f"{err.start}); re-encode the column as UTF-8 strings"
+                    ) from None
             decoded.append(v)
         values = pd.Series(decoded, index=df.index, dtype="object")
     return values.astype("string").fillna("").str.strip()
 
 
-def read_url_list(path: str | Path, url_col: str, caption_col: str,
-                  encoding: str = "utf-8") -> tuple[pd.DataFrame, dict]:
+def read_url_list(
+    path: str | Path, url_col: str, caption_col: str, encoding: str = "utf-8"
+) -> tuple[pd.DataFrame, dict]:
     """Read a URL list, check its columns, drop (and count) rows without a URL or caption.
 
     Returns the clean frame (columns renamed to ``URL``/``TEXT``, other columns kept) and a report
@@ -59,24 +62,31 @@ def read_url_list(path: str | Path, url_col: str, caption_col: str,
             raise DataError(f"{path}: not a readable parquet file ({err})") from None
     elif path.suffix in (".csv", ".tsv"):
         try:
-            df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False,
-                             encoding=encoding)
+            df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False, encoding=encoding)
         except UnicodeDecodeError:
             line, why = _first_undecodable_line(path, encoding)
-            raise DataError(f"{path}: line {line} is not {encoding} text ({why}); set data.encoding in "
-                            "params.yaml (e.g. latin-1) or re-encode the file") from None
+            raise DataError(
+                f"{path}: line {line} is not {encoding} text ({why}); set data.encoding in "
+                "params.yaml (e.g. latin-1) or re-encode the file"
+            ) from None
     else:
         raise DataError(f"{path}: expected a .parquet, .csv or .tsv URL list")
     for col, what in ((url_col, "url"), (caption_col, "caption")):
         if col not in df.columns:
-            raise DataError(f"{path}: no {what} column '{col}' (columns: {', '.join(map(str, df.columns))}); "
-                            f"set data.{what}_col in params.yaml")
+            raise DataError(
+                f"{path}: no {what} column '{col}' (columns: {', '.join(map(str, df.columns))}); "
+                f"set data.{what}_col in params.yaml"
+            )
     urls = _text_column(df, url_col, path)
     caps = _text_column(df, caption_col, path)
     empty_url = urls == ""
     empty_cap = (caps == "") & ~empty_url
-    report = {"rows": int(len(df)), "empty_url": int(empty_url.sum()), "empty_caption": int(empty_cap.sum()),
-              "empty_caption_rows": [int(i) for i in df.index[empty_cap][:20]]}
+    report = {
+        "rows": int(len(df)),
+        "empty_url": int(empty_url.sum()),
+        "empty_caption": int(empty_cap.sum()),
+        "empty_caption_rows": [int(i) for i in df.index[empty_cap][:20]],
+    }
     keep = ~(empty_url | empty_cap)
     out = df[keep].copy()
     out[url_col], out[caption_col] = urls[keep], caps[keep]

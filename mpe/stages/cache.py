@@ -12,32 +12,47 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mpe import storage
-from mpe.atomic import write_json
-from mpe.cache_compute import (cache_data_shard, cache_fields, cache_texts, data_shard_identity, estimate_bytes,
-                               is_current, load_trunk_tower, trunk_info)
-from mpe.cache_store import STORAGE, CacheFolder
+from mpe.cache.compute import (
+    cache_data_shard,
+    cache_fields,
+    cache_texts,
+    data_shard_identity,
+    estimate_bytes,
+    is_current,
+    load_trunk_tower,
+    trunk_info,
+)
+from mpe.cache.ray_engine import build_with_ray
+from mpe.cache.store import STORAGE, CacheFolder
 from mpe.config import Params
 from mpe.data.evaluation_sets import evaluation_texts
 from mpe.data.stats import verified_shards
 from mpe.errors import StageInputError
-from mpe.precision import autocast_dtype, dtype_name
-from mpe.ray_cache_engine import build_with_ray
+from mpe.files import storage
+from mpe.files.atomic import write_json
+from mpe.records import CACHE, metrics_file
+from mpe.runtime.precision import autocast_dtype, dtype_name
 
 
 def _announce(est: dict, dtype: str, warn_gb: float) -> None:
     gb = est["bytes"] / 1e9
-    print(f"cache: {est['samples']:,} samples, {est['unique_texts']:,} unique texts × ~{est['mean_rows']:.0f} rows "
-          f"× {est['hidden']} hidden × {est['bytes_per_value']} B ({dtype}) ≈ {gb:,.2f} GB on disk", flush=True)
+    print(
+        f"cache: {est['samples']:,} samples, {est['unique_texts']:,} unique texts × ~{est['mean_rows']:.0f} rows "
+        f"× {est['hidden']} hidden × {est['bytes_per_value']} B ({dtype}) ≈ {gb:,.2f} GB on disk",
+        flush=True,
+    )
     if gb > warn_gb:
-        print(f"WARNING: the cache will take about {gb:,.0f} GB, above cache.warn_gb ({warn_gb:g}); a float8 "
-              "cache.dtype (float8_e4m3_row) halves float16's size", flush=True)
+        print(
+            f"WARNING: the cache will take about {gb:,.0f} GB, above cache.warn_gb ({warn_gb:g}); a float8 "
+            "cache.dtype (float8_e4m3_row) halves float16's size",
+            flush=True,
+        )
 
 
 def run(params: Params) -> dict:
     cfg = params.cache
     # beside the metrics, not in the cache folder: a rerun that computes nothing leaves the cache's hash as it was
-    summary_file = Path(params.evaluate.out_dir) / "cache.json"
+    summary_file = metrics_file(params.metrics_dir, CACHE)
     if not cfg.enabled:
         summary = {"enabled": False}
         write_json(summary_file, summary)
@@ -79,11 +94,19 @@ def run(params: Params) -> dict:
             computed += cache_texts(tower, t, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
     bar.close()
     folder.write_active()
-    summary = {"folder": folder.url, "key": folder.key, "compute_dtype": folder.fields["compute_dtype"],
-               "storage_dtype": cfg.dtype, "data_shards": len(data_shards), "shards_computed": len(jobs),
-               "shards_reused": len(data_shards) - len(jobs),
-               "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
-               "texts_computed": computed, "skipped_corrupt_shards": corrupt, "compute_seconds": round(time.perf_counter() - started, 2), "estimate": est}
+    summary = {
+        "folder": folder.url,
+        "key": folder.key,
+        "compute_dtype": folder.fields["compute_dtype"],
+        "storage_dtype": cfg.dtype,
+        "data_shards": len(data_shards),
+        "shards_computed": len(jobs),
+        "shards_reused": len(data_shards) - len(jobs),
+        "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
+        "texts_computed": computed,
+        "skipped_corrupt_shards": corrupt,
+        "compute_seconds": round(time.perf_counter() - started, 2),
+        "estimate": est,
+    }
     write_json(summary_file, summary)
     return summary
-

@@ -3,14 +3,13 @@ by img2dataset into webdataset shards; outcomes by status class, and a floor on 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mpe.atomic import write_json
 from mpe.config import Params
 from mpe.data.prepare import prepare_data
+from mpe.files.atomic import write_json
+from mpe.records import DATA, metrics_file
 
 
 def run(params: Params) -> dict:
     stats = prepare_data(params.data, params.seed)
-    write_json(Path(params.evaluate.out_dir) / "data.json", stats)
+    write_json(metrics_file(params.metrics_dir, DATA), stats)
     return stats

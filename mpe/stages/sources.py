@@ -6,18 +6,15 @@ list leaves every later stage skipped."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from mpe.atomic import write_json
 from mpe.config import Params
 from mpe.data.url_list import part_digests
-
-SOURCES_FILE = "sources.json"
+from mpe.files.atomic import write_json
+from mpe.records import SOURCES, metrics_file
 
 
 def run(params: Params) -> dict:
     listing = {"source": params.data.source, "parts": {}}
     if params.data.source == "url_list":  # the shapes world is made from params alone: nothing to list
         listing["parts"] = part_digests(params.data.url_list)
-    write_json(Path(params.evaluate.out_dir) / SOURCES_FILE, listing)
+    write_json(metrics_file(params.metrics_dir, SOURCES), listing)
     return listing

@@ -9,22 +9,23 @@ from pathlib import Path
 
 import torch
 
-from mpe import storage
-from mpe.atomic import atomic_path, write_json
-from mpe.base_model import source_label
-from mpe.cache_compute import cache_fields, data_shard_identity, is_current
-from mpe.cache_store import CacheFolder, open_active
-from mpe.checkpoint import load_trainable
+from mpe.cache.compute import data_shard_identity, is_current, open_cache
+from mpe.cache.store import CacheFolder
 from mpe.config import Params
 from mpe.data.stats import read_stats, verified_shards
 from mpe.errors import StageInputError
-from mpe.project_lock import PROJECT_TAG, project_identity
-from mpe.run_identity import effective_run_name, run_fingerprint, total_steps
-from mpe.tracking import log_trained_model
-from mpe.tracking_settings import tracking_settings
-from mpe.train_worker import TrainJob, build_model, fit
-from mpe.vision.pretrained import transform_of
-from mpe.warm_start import champion_start, scratch
+from mpe.files import storage
+from mpe.files.atomic import atomic_path, write_json
+from mpe.model.base_model import source_label
+from mpe.model.vision.pretrained import transform_of
+from mpe.records import TRAIN, TRAIN_HISTORY, TrainingSummary, metrics_file
+from mpe.runtime.project_lock import PROJECT_TAG, project_identity
+from mpe.serving.mlflow_model import log_trained_model
+from mpe.tracking.settings import tracking_settings
+from mpe.training.checkpoint import load_trainable
+from mpe.training.run_identity import effective_run_name, run_fingerprint, total_steps
+from mpe.training.warm_start import champion_start, scratch
+from mpe.training.worker import TrainJob, build_model, fit
 
 
 def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
@@ -32,8 +33,10 @@ def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
     shards = [folder.shard_url("train", d) for d in data_shards]
     stale = [d for d, c in zip(data_shards, shards) if not is_current(c, data_shard_identity(d))]
     if stale:
-        raise StageInputError(f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current "
-                              f"cache shard (first: {storage.name(stale[0])}); run `mpe cache` first")
+        raise StageInputError(
+            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current "
+            f"cache shard (first: {storage.name(stale[0])}); run `mpe cache` first"
+        )
     return shards
 
 
@@ -63,37 +66,67 @@ def run(params: Params) -> dict:
     total = total_steps(tcfg, n_train)
     cache_shards, fields = None, None
     if params.cache.enabled:
-        expected = cache_fields(base_dir, params.model.text, params.cache.dtype, params.base_model.trust_remote_code)
-        folder = open_active(storage.absolute(params.cache.root), expected)
+        folder = open_cache(
+            storage.absolute(params.cache.root),
+            base_dir,
+            params.model.text,
+            params.cache.dtype,
+            params.base_model.trust_remote_code,
+        )
         fields = folder.fields
         cache_shards = _cache_shards(folder, data_shards)
     settings = tracking_settings(params.mlflow)
     provenance = {"base_model": source_label(params.base_model)}
-    start_weights, start = (champion_start(settings, params.registry.model_name, params.model, provenance["base_model"])
-                            if tcfg.init_from == "champion" else scratch())
-    run_name = effective_run_name(tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model,
-                                                                 stats, fields, start))
+    start_weights, start = (
+        champion_start(settings, params.registry.model_name, params.model, provenance["base_model"])
+        if tcfg.init_from == "champion"
+        else scratch()
+    )
+    run_name = effective_run_name(
+        tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model, stats, fields, start)
+    )
     ray_storage = Path(tcfg.storage_path).resolve()
     init_file = None
     if start_weights is not None:  # beside the run's checkpoints: the run's folder is named by these weights
         init_file = ray_storage / run_name / "start.safetensors"
         with atomic_path(init_file, suffix=".safetensors") as tmp:
             tmp.write_bytes(start_weights)
-    logged = {"seed": params.seed, "base_model": params.base_model.model_dump(mode="json"),
-              "model": params.model.model_dump(mode="json"), "train": tcfg.model_dump(mode="json"),
-              "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype}, "start": start}
+    logged = {
+        "seed": params.seed,
+        "base_model": params.base_model.model_dump(mode="json"),
+        "model": params.model.model_dump(mode="json"),
+        "train": tcfg.model_dump(mode="json"),
+        "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype},
+        "start": start,
+    }
     model_cfg = params.model.model_dump(mode="json")
     if params.model.vision.pretrained:  # Ray workers run in their own working folder
         model_cfg["vision"]["pretrained"] = str(Path(params.model.vision.pretrained).resolve())
-    job = TrainJob(seed=params.seed, model=model_cfg, train=tcfg.model_dump(mode="json"),
-                   base_dir=str(base_dir), trust_remote_code=params.base_model.trust_remote_code,
-                   provenance=provenance, total_steps=total,
-                   stream={"data_shards": tuple(data_shards), "cache_shards": tuple(cache_shards) if cache_shards else None,
-                           "batch_size": tcfg.batch_size, "image_size": params.model.vision.image_size,
-                           "image_transform": transform_of(params.model.vision).to_json(),
-                           "shuffle_buffer": tcfg.shuffle_buffer, "seed": params.seed, "workers": tcfg.loader_workers},
-                   tracking=asdict(settings), logged_params=logged, run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())}, run_name=run_name,
-                   run_dir=str(ray_storage / run_name), init_weights=str(init_file) if init_file else None)
+    job = TrainJob(
+        seed=params.seed,
+        model=model_cfg,
+        train=tcfg.model_dump(mode="json"),
+        base_dir=str(base_dir),
+        trust_remote_code=params.base_model.trust_remote_code,
+        provenance=provenance,
+        total_steps=total,
+        stream={
+            "data_shards": tuple(data_shards),
+            "cache_shards": tuple(cache_shards) if cache_shards else None,
+            "batch_size": tcfg.batch_size,
+            "image_size": params.model.vision.image_size,
+            "image_transform": transform_of(params.model.vision).to_json(),
+            "shuffle_buffer": tcfg.shuffle_buffer,
+            "seed": params.seed,
+            "workers": tcfg.loader_workers,
+        },
+        tracking=asdict(settings),
+        logged_params=logged,
+        run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())},
+        run_name=run_name,
+        run_dir=str(ray_storage / run_name),
+        init_weights=str(init_file) if init_file else None,
+    )
     clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
     clock.append(("ray_train", time.perf_counter()))
@@ -107,19 +140,28 @@ def run(params: Params) -> dict:
     model.save_pretrained(out_dir)
     clock.append(("export", time.perf_counter()))
 
-    metrics_dir = Path(params.evaluate.out_dir)
-    write_json(metrics_dir / "train_history.json", state["history"], indent=None)
+    write_json(metrics_file(params.metrics_dir, TRAIN_HISTORY), state["history"], indent=None)
     final = state["history"][-1] if state["history"] else {}
-    summary = {"steps": state["step"], "total_steps": total, "train_samples": n_train,
-               "final_loss": final.get("loss"), "restored_from_step": state.get("restored_from_step"),
-               "data_wait_share": _data_wait_share(state["history"], False),
-               "data_wait_share_after_first_step": _data_wait_share(state["history"], True),
-               "skipped_samples": state.get("skipped_samples", {}), "skipped_corrupt_shards": corrupt,
-               "compute_dtype": state.get("compute_dtype"), "start": start,
-               "mlflow_run_id": state.get("mlflow_run_id"), "ray_run_name": run_name}
-    if state.get("mlflow_run_id"):  # the evaluate stage adds its numbers and plots to this run
-        summary["model_uri"] = log_trained_model(settings, state["mlflow_run_id"], out_dir, params.model.embed_dim)
+    run_id = state.get("mlflow_run_id")
+    # the evaluate stage adds its numbers and plots to this run; register registers the logged model
+    model_uri = log_trained_model(settings, run_id, out_dir, params.model.embed_dim) if run_id else None
     clock.append(("log_model", time.perf_counter()))
-    summary["seconds"] = _timing(clock, state["history"])
-    write_json(metrics_dir / "train.json", summary)
+    summary = TrainingSummary(
+        steps=state["step"],
+        total_steps=total,
+        train_samples=n_train,
+        ray_run_name=run_name,
+        final_loss=final.get("loss"),
+        restored_from_step=state.get("restored_from_step"),
+        data_wait_share=_data_wait_share(state["history"], False),
+        data_wait_share_after_first_step=_data_wait_share(state["history"], True),
+        skipped_samples=state.get("skipped_samples", {}),
+        skipped_corrupt_shards=corrupt,
+        compute_dtype=state.get("compute_dtype"),
+        start=start,
+        mlflow_run_id=run_id,
+        model_uri=model_uri,
+        seconds=_timing(clock, state["history"]),
+    ).to_json()
+    write_json(metrics_file(params.metrics_dir, TRAIN), summary)
     return summary

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from mpe.tracking_server import free_port  # noqa: F401  (the tests' free loopback port)
+from mpe.runtime.loopback import free_port  # noqa: F401  (the tests' free loopback port)
 from tests.project_config import small_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +26,9 @@ def run(cmd, cwd, env, timeout=600) -> str:
 
 
 def git(cwd, *args) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 def pipeline_params(base: Path, model_name: str = "mpe-e2e", **train) -> dict:
@@ -61,6 +62,10 @@ def make_project(proj: Path, params: dict) -> tuple[Path, Path]:
 
 
 def project_env(proj: Path, **extra) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(proj / ".prefect"),
-           **extra}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(proj / ".prefect"),
+        **extra,
+    }
     return env

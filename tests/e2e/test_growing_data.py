@@ -19,8 +19,14 @@ from tests.http_images import ImageServer
 
 pytestmark = pytest.mark.slow
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-           "white": (240, 240, 240), "black": (15, 15, 15)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+    "white": (240, 240, 240),
+    "black": (15, 15, 15),
+}
 FRACTION = 0.15
 
 
@@ -33,8 +39,17 @@ def _part(srv: ImageServer, folder: Path, name: str, n: int) -> dict[str, str]:
         path = f"/{name}/{i}.png"
         url = srv.add_image(path, tuple((c + 7 * i) % 256 for c in COLOURS[colour]), size=(40 + i % 5, 36))
         sim = 0.1 if i == n - 1 else 0.3
-        rows.append({"URL": url, "TEXT": f"a {colour} picture number {i} of {name}", "WIDTH": 40 + i % 5,
-                     "HEIGHT": 36, "similarity": sim, "punsafe": 0.01, "pwatermark": 0.05})
+        rows.append(
+            {
+                "URL": url,
+                "TEXT": f"a {colour} picture number {i} of {name}",
+                "WIDTH": 40 + i % 5,
+                "HEIGHT": 36,
+                "similarity": sim,
+                "punsafe": 0.01,
+                "pwatermark": 0.05,
+            }
+        )
         if sim >= 0.2:
             kept[path] = url
     pd.DataFrame(rows).to_parquet(folder / f"{name}.parquet", index=False)
@@ -49,8 +64,11 @@ def _expected_test_urls(urls: list[str]) -> set[str]:
 
 
 def _files(folder: Path) -> dict[str, tuple[str, int, int]]:
-    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in folder.iterdir() if p.is_file()}
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in folder.iterdir()
+        if p.is_file()
+    }
 
 
 def _lock_outs(proj: Path) -> dict[str, dict]:
@@ -68,8 +86,15 @@ def _json(proj: Path, name: str) -> dict:
 
 def test_a_new_part_is_downloaded_cached_trained_and_gated_alone(tmp_path, tiny_base_dir):
     params = pipeline_params(tiny_base_dir, model_name="mpe-growing", max_steps=4, batch_size=8, checkpoint_every=4)
-    params["data"].update(source="url_list", url_list="laion", test_fraction=FRACTION, samples_per_shard=8,
-                          threads=4, timeout=5, min_success_rate=0.95)
+    params["data"].update(
+        source="url_list",
+        url_list="laion",
+        test_fraction=FRACTION,
+        samples_per_shard=8,
+        threads=4,
+        timeout=5,
+        min_success_rate=0.95,
+    )
     params["data"]["filters"]["min_similarity"] = 0.2
     proj = make_project(tmp_path / "proj", params)[0]
     env = project_env(proj)
@@ -96,8 +121,10 @@ def test_a_new_part_is_downloaded_cached_trained_and_gated_alone(tmp_path, tiny_
         assert set(srv.counts) == set(second) and set(srv.counts.values()) == {1}
 
     data = _json(proj, "data.json")
-    assert data["parts"] == {"part-00000": {"train": "kept", "test": "kept"},
-                             "part-00001": {"train": "downloaded", "test": "downloaded"}}
+    assert data["parts"] == {
+        "part-00000": {"train": "kept", "test": "kept"},
+        "part-00001": {"train": "downloaded", "test": "downloaded"},
+    }
     for folder, before in (("train", train_shards), ("test", test_shards)):
         now = _files(proj / "data" / "shards" / folder)
         assert {k: v[0] for k, v in now.items() if k in before} == {k: v[0] for k, v in before.items()}  # bytes
@@ -105,8 +132,9 @@ def test_a_new_part_is_downloaded_cached_trained_and_gated_alone(tmp_path, tiny_
 
     # cached: only the new part's shards; the old cache shard files untouched (bytes, inode, mtime)
     cache2 = _json(proj, "cache.json")
-    new_train = sorted(n for n in set(_files(proj / "data" / "shards" / "train")) - set(train_shards)
-                       if n.endswith(".tar"))
+    new_train = sorted(
+        n for n in set(_files(proj / "data" / "shards" / "train")) - set(train_shards) if n.endswith(".tar")
+    )
     assert cache2["folder"] == cache1["folder"] and cache2["computed_shards"] == new_train
     assert cache2["shards_computed"] == len(new_train) and cache2["shards_reused"] == cache1["data_shards"]
     now = _files(cache_dir)
@@ -135,6 +163,7 @@ def test_a_new_part_is_downloaded_cached_trained_and_gated_alone(tmp_path, tiny_
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
     tags = mlflow.MlflowClient().get_model_version("mpe-growing", "2").tags
     assert tags["gate.decision"] == reg2["reason"] and tags["dvc.data"] == lock2["data"]["md5"]
-    recorded = subprocess.run(["git", "show", "mpe/runs:metrics/sources.json"], cwd=proj, capture_output=True,
-                              text=True, check=True).stdout
+    recorded = subprocess.run(
+        ["git", "show", "mpe/runs:metrics/sources.json"], cwd=proj, capture_output=True, text=True, check=True
+    ).stdout
     assert set(json.loads(recorded)["parts"]) == {"part-00000", "part-00001"}

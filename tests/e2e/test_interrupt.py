@@ -1,5 +1,6 @@
 """The whole flow under faults: Ctrl-C stops `mpe run` within seconds, registers nothing and the rerun
-resumes, while a second `mpe run` is refused and a third (--wait) waits its turn; a held DVC lock is a one-line error; an output edited in place does not corrupt DVC's copy."""
+resumes, while a second `mpe run` is refused and a third (--wait) waits its turn; a held DVC lock is a
+one-line error; an output edited in place does not corrupt DVC's copy."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -41,8 +41,15 @@ def _registered(proj) -> list:
 
 def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     env = _env(proj)
-    p = subprocess.Popen([str(BIN / "mpe"), "run"], cwd=proj, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [str(BIN / "mpe"), "run"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not has_intact_checkpoint(proj / "ray_results"):
         assert p.poll() is None, p.communicate()[1][-3000:]
@@ -56,21 +63,29 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert _registered(proj) == [] and not (proj / "metrics" / "register.json").exists()
 
     # the rerun, and two more `mpe run` started while it runs: one stops at once, one waits its turn
-    first = subprocess.Popen([str(BIN / "mpe"), "run"], cwd=proj, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [str(BIN / "mpe"), "run"], cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lock = proj / ".mpe" / "run.lock"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
         assert first.poll() is None, first.communicate()[1][-3000:]
         time.sleep(0.2)
     second = subprocess.run([str(BIN / "mpe"), "run"], cwd=proj, env=env, capture_output=True, text=True, timeout=120)
-    third = subprocess.Popen([str(BIN / "mpe"), "run", "--wait"], cwd=proj, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    third = subprocess.Popen(
+        [str(BIN / "mpe"), "run", "--wait"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = first.communicate(timeout=900)
     assert first.returncode == 0, err[-3000:]
     last = [line for line in second.stderr.splitlines() if line.strip()][-1]
-    assert second.returncode == 2 and "another pipeline run holds this project" in last and f"pid {first.pid}" in last, \
-        second.stderr[-2000:]
+    assert (
+        second.returncode == 2 and "another pipeline run holds this project" in last and f"pid {first.pid}" in last
+    ), second.stderr[-2000:]
     out3, err3 = third.communicate(timeout=600)
     assert third.returncode == 0 and "waiting for the run" in err3, err3[-3000:]
     train = json.loads((proj / "metrics" / "train.json").read_text())
@@ -78,14 +93,14 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert [m.name for m in _registered(proj)] == ["mpe-faults"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
     assert [str(v.version) for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
-    from mpe.dvc_runner import status_clean
+    from mpe.provenance.dvc import status_clean
 
     clean, text = status_clean(proj)
     assert clean, text  # every output intact, none half-written
 
 
 def test_an_output_edited_in_place_leaves_dvc_s_copy_intact(proj):
-    from mpe.hashing import file_sha256
+    from mpe.files.hashing import file_sha256
 
     shard = sorted((proj / "data" / "shards" / "train").glob("*.tar"))[0]
     original = file_sha256(shard)
@@ -98,17 +113,27 @@ def test_an_output_edited_in_place_leaves_dvc_s_copy_intact(proj):
 
 
 def test_a_held_dvc_lock_is_a_one_line_error(proj):
-    holder = subprocess.Popen([str(BIN / "python"), "-c", "import sys, time\nfrom dvc.repo import Repo\n"
-                               "r = Repo(sys.argv[1]); r.lock.lock(); print('held', flush=True); time.sleep(120)",
-                               str(proj)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            str(BIN / "python"),
+            "-c",
+            "import sys, time\nfrom dvc.repo import Repo\n"
+            "r = Repo(sys.argv[1]); r.lock.lock(); print('held', flush=True); time.sleep(120)",
+            str(proj),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        out = subprocess.run([str(BIN / "mpe"), "run"], cwd=proj, env=_env(proj), capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run(
+            [str(BIN / "mpe"), "run"], cwd=proj, env=_env(proj), capture_output=True, text=True, timeout=300
+        )
         last = [line for line in out.stderr.splitlines() if line.strip()][-1]
         # Prefect's own log of the failed task keeps its traceback; what the command ends with is one line
-        assert out.returncode == 2 and last.startswith("mpe run: error:") and "holds the project's lock" in last, \
+        assert out.returncode == 2 and last.startswith("mpe run: error:") and "holds the project's lock" in last, (
             out.stderr[-2000:]
+        )
     finally:
         holder.kill()
         holder.wait()

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.project import BIN, REPO, free_port as _free_port, git, make_project, pipeline_params, run
+from tests.e2e.project import BIN, REPO, git, make_project, pipeline_params, run
+from tests.e2e.project import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +41,21 @@ def _params(base: Path, **train) -> dict:
 def prefect_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
     log = open(home / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     while True:
@@ -101,16 +112,16 @@ OUTPUTS = ("data", "cache", "models/base", "models/trained")
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    from mpe.hashing import file_sha256
+    from mpe.files.hashing import file_sha256
 
-    return {str(p.relative_to(root)): file_sha256(p) for d in OUTPUTS for p in sorted((root / d).rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): file_sha256(p) for d in OUTPUTS for p in sorted((root / d).rglob("*")) if p.is_file()
+    }
 
 
 def _flow_run_state(flow_run_id: str) -> str:
-    from prefect.client.orchestration import get_client
-
     import anyio
+    from prefect.client.orchestration import get_client
 
     async def read():
         async with get_client() as client:
@@ -126,8 +137,9 @@ def _registry(uri: str):
     return mlflow.MlflowClient()
 
 
-def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(project, tracking_uri, prefect_env,
-                                                                           snapshots):
+def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(
+    project, tracking_uri, prefect_env, snapshots
+):
     proj, _ = project
     env = {**prefect_env, "PWD": str(proj)}
     _run([str(BIN / "mpe"), "work-pool", "--name", "local-process"], proj, env)
@@ -137,10 +149,16 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(proje
     assert "ENQUEUE" in info and "concurrency" in info, info  # one run of the deployment at a time, queued
     out = _run([str(BIN / "prefect"), "deployment", "run", "retrain/nightly"], proj, env)
     run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
-    _run([str(BIN / "prefect"), "worker", "start", "--pool", "local-process", "--type", "process", "--run-once"],
-         proj, env, timeout=900)
+    _run(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "local-process", "--type", "process", "--run-once"],
+        proj,
+        env,
+        timeout=900,
+    )
     deadline = time.monotonic() + 600
-    while _flow_run_state(run_id) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.monotonic() < deadline:
+    while (
+        _flow_run_state(run_id) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.monotonic() < deadline
+    ):
         time.sleep(2)
     assert _flow_run_state(run_id) == "COMPLETED"
     for out_dir in ("data", "models/base", "cache", "models/trained", "plots"):
@@ -153,8 +171,9 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(proje
 
 
 def _flow(proj, params):
-    from flows.retrain import retrain
+    from mpe.runtime.prefect_server import load_flow
 
+    retrain = load_flow(proj, "retrain.py:retrain")  # the project's own flow file, by path
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     cwd = os.getcwd()
     try:
@@ -163,8 +182,7 @@ def _flow(proj, params):
         os.chdir(cwd)
 
 
-def test_2_a_better_model_is_promoted_with_lineage(project, tracking_uri, tracking_server, tiny_base_dir,
-                                                   snapshots):
+def test_2_a_better_model_is_promoted_with_lineage(project, tracking_uri, tracking_server, tiny_base_dir, snapshots):
     proj, _ = project
     cache_summary = (proj / "metrics" / "cache.json").stat().st_mtime
     result = _flow(proj, _params_on_server(tiny_base_dir, tracking_uri))
@@ -184,14 +202,18 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tracking_uri, tracki
     assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
     # the outputs' record: a commit on mpe/runs whose dvc.lock holds this model's hash; the user's branch untouched
     assert tags["mpe.run_ref"] == "mpe/runs" and tags["git_commit"].split("-")[0] != tags["mpe.run_commit"]
-    recorded = subprocess.run(["git", "show", f"{tags['mpe.run_commit']}:dvc.lock"], cwd=proj, capture_output=True,
-                              text=True, check=True).stdout
+    recorded = subprocess.run(
+        ["git", "show", f"{tags['mpe.run_commit']}:dvc.lock"], cwd=proj, capture_output=True, text=True, check=True
+    ).stdout
     assert tags["dvc.model"] in recorded
-    branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=proj, capture_output=True,
-                            text=True).stdout.strip()
+    branch = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=proj, capture_output=True, text=True
+    ).stdout.strip()
     assert branch != "mpe/runs"
     assert {a.path for a in client.list_artifacts(tags["mlflow_train_run_id"], "lineage")} >= {
-        "lineage/dvc.lock", "lineage/params.yaml"}
+        "lineage/dvc.lock",
+        "lineage/params.yaml",
+    }
     # everything went to the tracking server: the run's metrics in PostgreSQL, the files in its artifact folder
     trained = json.loads((proj / "metrics" / "eval.json").read_text())["trained"]
     logged = client.get_run(tags["mlflow_train_run_id"]).data.metrics
@@ -210,7 +232,7 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tracking_uri
     client = _registry(tracking_uri)
     assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("mpe-e2e", "challenger").version) == "3"
-    from mpe.dvc_runner import status_clean
+    from mpe.provenance.dvc import status_clean
 
     clean, text = status_clean(proj)
     assert clean, text
@@ -228,22 +250,37 @@ def test_3bb_two_registrations_at_once_gate_one_after_the_other(project, trackin
     """Two processes register two trained models (this flow's versions 2 and 1) at the same moment under a
     new name: distinct versions, every tag kept, and the gate decides as if they had come one after the
     other in version order (without serialisation both read "no champion" and both promote)."""
-    from mpe.promotion_gate import decide
+    from mpe.tracking.gate import decide
 
     client = _registry(tracking_uri)
     jobs = []
     for i, source in enumerate(("2", "1")):
         mv = client.get_model_version("mpe-e2e", source)
-        job = {"tracking_uri": tracking_uri, "experiment": "mpe-e2e", "model_name": "mpe-e2e-race",
-               "model_uri": mv.source, "metrics": json.loads(mv.tags["eval.metrics"]),
-               "lineage": {k: v for k, v in mv.tags.items() if not k.startswith(("eval.", "gate."))},
-               "ready": str(tmp_path / f"ready{i}"), "go": str(tmp_path / "go"), "out": str(tmp_path / f"out{i}.json")}
+        job = {
+            "tracking_uri": tracking_uri,
+            "experiment": "mpe-e2e",
+            "model_name": "mpe-e2e-race",
+            "model_uri": mv.source,
+            "metrics": json.loads(mv.tags["eval.metrics"]),
+            "lineage": {k: v for k, v in mv.tags.items() if not k.startswith(("eval.", "gate."))},
+            "ready": str(tmp_path / f"ready{i}"),
+            "go": str(tmp_path / "go"),
+            "out": str(tmp_path / f"out{i}.json"),
+        }
         (tmp_path / f"job{i}.json").write_text(json.dumps(job))
         jobs.append(job)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.e2e.registrant", str(tmp_path / f"job{i}.json")],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.registrant", str(tmp_path / f"job{i}.json")],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         deadline = time.monotonic() + 120
         while not all(Path(j["ready"]).exists() for j in jobs):  # both imported and connected: start together
@@ -292,9 +329,9 @@ def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
 
 
 def test_4_compare_tables_the_runs(project):
-    from mpe.compare import write_comparison
     from mpe.config import load_params
-    from mpe.tracking_settings import tracking_settings
+    from mpe.tracking.compare import write_comparison
+    from mpe.tracking.settings import tracking_settings
 
     proj, _ = project
     params = load_params(proj / "params.yaml")
@@ -318,7 +355,8 @@ from PIL import Image
 mlflow.set_tracking_uri(sys.argv[1])
 m = mlflow.pyfunc.load_model("models:/mpe-e2e@champion")
 buf = io.BytesIO(); Image.new("RGB", (40, 40), (200, 20, 20)).save(buf, format="PNG")
-out = m.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, base64.b64encode(buf.getvalue()).decode()]}))
+image = base64.b64encode(buf.getvalue()).decode()
+out = m.predict(pd.DataFrame({"text": ["a red circle", None], "image": [None, image]}))
 import numpy as np
 print(out.shape, np.round(np.linalg.norm(out, axis=1), 4).tolist())
 """
@@ -332,9 +370,14 @@ def _clone(proj: Path, dest: Path) -> Path:
 
 
 def _reproduce(clone: Path, tracking_uri: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mpe"), "reproduce", "--model", "mpe-e2e", "--tracking-uri",
-                           tracking_uri, *args], cwd=clone, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    return subprocess.run(
+        [str(BIN / "mpe"), "reproduce", "--model", "mpe-e2e", "--tracking-uri", tracking_uri, *args],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
 
 
 def test_6_a_fresh_clone_reproduces_version_1_not_the_latest(project, tracking_uri, tmp_path, snapshots):
@@ -346,14 +389,13 @@ def test_6_a_fresh_clone_reproduces_version_1_not_the_latest(project, tracking_u
     assert _snapshot(clone) == snapshots["1"]  # data, cache, base and trained model, byte for byte
     code = """
 import sys, mlflow, pandas as pd, numpy as np
-from mpe.model import MultiPromptCLIP
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
 mlflow.set_tracking_uri(sys.argv[1])
 registered = mlflow.pyfunc.load_model("models:/mpe-e2e/1").predict(pd.DataFrame({"text": ["a red circle"]}))
 restored = MultiPromptCLIP.from_pretrained(sys.argv[2]).encode_text(["a red circle"]).detach().numpy()
 print(float(np.abs(registered - restored).max()))
 """
-    diff = _run([sys.executable, "-c", code, tracking_uri, str(clone / "models" / "trained")],
-                clone, os.environ.copy())
+    diff = _run([sys.executable, "-c", code, tracking_uri, str(clone / "models" / "trained")], clone, os.environ.copy())
     assert float(diff.strip().splitlines()[-1]) < 1e-5
 
 

@@ -30,8 +30,14 @@ def _images(folder: Path, n: int, corrupt: int = 0) -> list[str]:
 
 
 def _cfg(tmp_path, url_list, **kw):
-    return DataConfig(source="url_list", url_list=str(url_list), out_dir=str(tmp_path / "data"), image_size=24,
-                      test_fraction=0.25, **kw)
+    return DataConfig(
+        source="url_list",
+        url_list=str(url_list),
+        out_dir=str(tmp_path / "data"),
+        image_size=24,
+        test_fraction=0.25,
+        **kw,
+    )
 
 
 def test_missing_columns_are_named(tmp_path):
@@ -111,8 +117,12 @@ def test_undecodable_url_lists_name_the_file_line_column_and_row(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"URL": ["file:///a.png", "file:///b.png", "file:///c.png"],
-                      "TEXT": pa.array([b"fine", "caf\xe9".encode("latin-1"), b"ok"], type=pa.binary())})
+    table = pa.table(
+        {
+            "URL": ["file:///a.png", "file:///b.png", "file:///c.png"],
+            "TEXT": pa.array([b"fine", "caf\xe9".encode("latin-1"), b"ok"], type=pa.binary()),
+        }
+    )
     pq.write_table(table, tmp_path / "binary.parquet")
     with pytest.raises(DataError, match=r"binary.parquet: column 'TEXT', row 1: not UTF-8 text"):
         read_url_list(tmp_path / "binary.parquet", "URL", "TEXT")

@@ -9,7 +9,7 @@ import pytest
 
 from mpe.config import load_params
 from mpe.errors import DataError
-from mpe.model import MultiPromptCLIP
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
 from tests.project_config import small_params, write_params
 from tests.unit.test_benchmark_sets import captions_of, picture
 
@@ -26,26 +26,38 @@ def _benchmark_files(root):
         w.writerow(["image_path", "caption_0", "caption_1", "correct_answer"])
         w.writerow(["images/0.jpg", "a red circle", "no red circle", 0])
         w.writerow(["images/1.jpg", "no green square", "a green square", 1])
-    return [{"name": "flickr", "kind": "karpathy", "path": str(root / "dataset_flickr30k.json"),
-             "image_root": str(root / "images")},
-            {"name": "neg", "kind": "negbench_mcq", "path": str(root / "mcq.csv")}]
+    return [
+        {
+            "name": "flickr",
+            "kind": "karpathy",
+            "path": str(root / "dataset_flickr30k.json"),
+            "image_root": str(root / "images"),
+        },
+        {"name": "neg", "kind": "negbench_mcq", "path": str(root / "mcq.csv")},
+    ]
 
 
 def _params(project, tiny_base_dir, tmp_path, benchmarks):
     root, _ = project
-    data = small_params(root, tiny_base_dir,
-                        train={"out_dir": str(tmp_path / "trained")},
-                        evaluate={"out_dir": str(tmp_path / "metrics"), "plots_dir": str(tmp_path / "plots"),
-                                  "compare_untrained": False, "benchmarks": benchmarks},
-                        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
-                                "artifact_root": str(tmp_path / "mlartifacts")})
+    data = small_params(
+        root,
+        tiny_base_dir,
+        train={"out_dir": str(tmp_path / "trained")},
+        evaluate={
+            "out_dir": str(tmp_path / "metrics"),
+            "plots_dir": str(tmp_path / "plots"),
+            "compare_untrained": False,
+            "benchmarks": benchmarks,
+        },
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "artifact_root": str(tmp_path / "mlartifacts")},
+    )
     return load_params(write_params(tmp_path, data))
 
 
 def test_benchmark_metrics_reach_eval_json_and_mlflow(project, tiny_base_dir, tmp_path):
     from mpe.stages.evaluate import run as run_evaluate_stage
-    from mpe.tracking import use
-    from mpe.tracking_settings import tracking_settings
+    from mpe.tracking.runs import use
+    from mpe.tracking.settings import tracking_settings
 
     params = _params(project, tiny_base_dir, tmp_path, _benchmark_files(tmp_path / "bench"))
     # an untrained model stands in for the train stage's output (this test is about the evaluate stage)

@@ -9,16 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-from mpe import storage
-from mpe.cache_compute import cache_fields, load_trunk_tower
-from mpe.cache_store import CacheFolder, ShardReader, TextStates, open_active
+from mpe.cache.compute import cache_fields, load_trunk_tower
+from mpe.cache.store import CacheFolder, ShardReader, TextStates, open_active
 from mpe.config import load_params
 from mpe.data.evaluation_sets import evaluation_texts
 from mpe.data.loader import load_split
+from mpe.files import storage
 from mpe.stages.cache import run as run_cache_stage
 
 
@@ -53,7 +52,7 @@ def test_cache_shards_hold_exactly_the_trunk_states_of_their_samples(project):
         for j, i in enumerate(pick):
             u = int(r.sample_text[i])
             c = int(r.caption_lens[u])
-            got, want = r.rows(u), fresh[j, -(c + seg):]
+            got, want = r.rows(u), fresh[j, -(c + seg) :]
             if bf16:  # another batch composition (padding) moves bf16 results by a few units of its precision
                 assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.03
             else:  # in fp32 only the last bits move, then float16 storage rounds
@@ -88,8 +87,12 @@ def test_other_config_gets_another_folder_and_a_mismatch_is_refused(project):
     fields = cache_fields(base, params.model.text, params.cache.dtype)
     other = cache_fields(base, params.model.text, "float8_e4m3_row")
     assert CacheFolder(params.cache.root, fields).key != CacheFolder(params.cache.root, other).key
-    assert CacheFolder(params.cache.root, fields).key != CacheFolder(
-        params.cache.root, cache_fields(base, params.model.text, params.cache.dtype, compute_dtype="bfloat16")).key
+    assert (
+        CacheFolder(params.cache.root, fields).key
+        != CacheFolder(
+            params.cache.root, cache_fields(base, params.model.text, params.cache.dtype, compute_dtype="bfloat16")
+        ).key
+    )
 
 
 def _copy_project(root: Path, tmp_path: Path, **cache) -> Path:
@@ -108,8 +111,13 @@ def test_killed_cache_run_resumes_shard_by_shard(project, tmp_path):
     root, _ = project
     path = _copy_project(root, tmp_path, batch_size=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mpe.cli", "--params", str(path), "cache"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpe.cli", "--params", str(path), "cache"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not _finished(tmp_path / "cache"):
@@ -166,9 +174,12 @@ def test_ray_data_engine_writes_the_same_shards(project, tmp_path, ray_session):
 def test_file_urls_for_data_and_cache_go_through_fsspec(project, tmp_path):
     root, _ = project
     url_params = load_params(_copy_project(root, tmp_path))
-    url_params = url_params.model_copy(update={
-        "cache": url_params.cache.model_copy(update={"root": (tmp_path / "cache").as_uri()}),
-        "data": url_params.data.model_copy(update={"out_dir": Path(url_params.data.out_dir).as_uri()})})
+    url_params = url_params.model_copy(
+        update={
+            "cache": url_params.cache.model_copy(update={"root": (tmp_path / "cache").as_uri()}),
+            "data": url_params.data.model_copy(update={"out_dir": Path(url_params.data.out_dir).as_uri()}),
+        }
+    )
     summary = run_cache_stage(url_params)
     assert summary["folder"].startswith("file://") and summary["shards_computed"] > 0
     assert list((tmp_path / "cache").rglob("train/*.safetensors"))

@@ -43,7 +43,9 @@ def test_negation_pairs_differ_only_in_the_negated_object(project):
 
     root, _ = project
     queries = json.loads((root / "data" / "negation.json").read_text())
-    images = {s.meta["id"]: np.asarray(s.image, dtype=float) for s in load_split(root / "data" / "shards" / "negation")[0]}
+    images = {
+        s.meta["id"]: np.asarray(s.image, dtype=float) for s in load_split(root / "data" / "shards" / "negation")[0]
+    }
     for q in queries:
         a, b = images[q["positive"]], images[q["negative"]]
         changed = (np.abs(a - b).sum(-1) > 60).mean()

@@ -16,10 +16,14 @@ from tests.project_config import small_params
 
 BIN = Path(sys.executable).parent
 SUITE = {
-    "name": "tiny", "seeds": [0], "baseline": "llm_mean",
+    "name": "tiny",
+    "seeds": [0],
+    "baseline": "llm_mean",
     "metrics": ["text_to_image_R@1", "image_to_text_R@5", "val.text_to_image_R@5"],
-    "common": {"data": {"shapes": {"val_captions": 12, "aspect_probes": 4}},
-               "evaluate": {"splits": ["val", "test"], "compare_untrained": False}},
+    "common": {
+        "data": {"shapes": {"val_captions": 12, "aspect_probes": 4}},
+        "evaluate": {"splits": ["val", "test"], "compare_untrained": False},
+    },
     "forms": {"quick": {"train": {"max_steps": 3, "checkpoint_every": 3}}},
     "cells": {"llm_mean": {"model": {"text": {"pooling": "mean"}}}, "multi_prompt_k2": {}},
     "analyse": ["multi_prompt_k2"],
@@ -31,16 +35,18 @@ def suite_project(tmp_path_factory, tiny_base_dir):
     root = tmp_path_factory.mktemp("suite")
     params = small_params(Path("."), tiny_base_dir)
     for section in ("data", "cache", "train", "evaluate"):
-        params[section] = {k: v for k, v in params[section].items() if k not in ("out_dir", "root", "storage_path",
-                                                                                  "plots_dir")}
+        params[section] = {
+            k: v for k, v in params[section].items() if k not in ("out_dir", "root", "storage_path", "plots_dir")
+        }
     params["mlflow"] = {"tracking_uri": "sqlite:///mlruns.db", "artifact_root": "mlartifacts"}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "experiments").mkdir()
     (root / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(SUITE))
     env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PREFECT_API_URL", None)
-    out = subprocess.run([str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        [str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root, env
 
@@ -67,24 +73,32 @@ def test_every_cell_is_a_child_run_of_one_parent(suite_project):
 
 def test_report_and_compare_come_from_mlflow(suite_project):
     root, env = suite_project
-    out = subprocess.run([str(BIN / "mpe"), "experiments", "report", "tiny"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(BIN / "mpe"), "experiments", "report", "tiny"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = (root / "docs" / "RESULTS.md").read_text()
     assert "`mpe experiments report tiny --form quick`" in text and "commit" in text and "cores" in text
     rows = [line for line in text.splitlines() if line.startswith("| llm_mean") or line.startswith("| multi_prompt")]
     assert len(rows) == 2 and "/1)" in rows[1]  # the paired difference and its seed count
     assert (root / "docs" / "results_tiny_quick.png").stat().st_size > 0
-    table = subprocess.run([str(BIN / "mpe"), "compare", "--suite", "tiny"], cwd=root, env=env, capture_output=True,
-                           text=True, timeout=300)
+    table = subprocess.run(
+        [str(BIN / "mpe"), "compare", "--suite", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert table.returncode == 0 and "multi_prompt_k2" in table.stdout and "t→i R@1" in table.stdout
 
 
 def test_a_rerun_skips_finished_runs(suite_project):
     root, env = suite_project
     before = {p: p.stat().st_mtime_ns for p in root.rglob("eval.json")}
-    out = subprocess.run([str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0 and "'ran': 0" in out.stdout, out.stdout[-2000:]
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert json.loads(next(root.rglob("multi_prompt_k2/seed0/metrics/reweight.json")).read_text())["weights"]

@@ -18,15 +18,20 @@ import yaml
 
 from mpe.cli import main
 from mpe.config import load_params
-from mpe.hashing import file_sha256
+from mpe.files.hashing import file_sha256
 from tests.project_config import copy_project, has_intact_checkpoint, local_cluster_dir
 
 BIN = Path(sys.executable).parent
 
 
 def _mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mpe"), "--params", str(params), *args], cwd=params.parent, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "mpe"), "--params", str(params), *args],
+        cwd=params.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
@@ -86,17 +91,33 @@ def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path
     text.write_text("a red circle\n")
     weights = model / "mpe_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    _one_line_error(_mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out",
-                         str(tmp_path / "t.npy")), str(weights))
+    _one_line_error(
+        _mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
+        str(weights),
+    )
     (model / "mpe_config.json").write_text("{ not json")
-    _one_line_error(_mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out",
-                         str(tmp_path / "t.npy")), "mpe_config.json")
-    debug = _mpe(params, "--debug", "embed", "--model", str(model), "--text-file", str(text), "--out",
-                 str(tmp_path / "t.npy"))
+    _one_line_error(
+        _mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
+        "mpe_config.json",
+    )
+    debug = _mpe(
+        params, "--debug", "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows it
     (tmp_path / "latin1.txt").write_bytes("a caf\xe9 au lait\n".encode("latin-1"))
-    _one_line_error(_mpe(params, "embed", "--model", str(model), "--text-file", str(tmp_path / "latin1.txt"),
-                         "--out", str(tmp_path / "l.npy")), "latin1.txt: line 1 is not UTF-8")
+    _one_line_error(
+        _mpe(
+            params,
+            "embed",
+            "--model",
+            str(model),
+            "--text-file",
+            str(tmp_path / "latin1.txt"),
+            "--out",
+            str(tmp_path / "l.npy"),
+        ),
+        "latin1.txt: line 1 is not UTF-8",
+    )
 
 
 def _immutable(folder: Path) -> bool:
@@ -124,11 +145,13 @@ def test_a_full_disk_stops_the_cache_with_its_name_and_keeps_finished_shards(pro
     shutil.rmtree(tmp_path / "cache")
     full = tmp_path / "cache"
     full.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)], capture_output=True).returncode
+        == 0
+    )
     try:
         if not mounted:  # no mount here: the same error, raised where the write happens
-            from mpe import cache_store
+            from mpe.cache import store as cache_store
 
             real, calls = cache_store.ShardWriter.write_caption, {"n": 0}
 
@@ -174,8 +197,8 @@ def test_a_failed_url_list_run_never_leaves_a_mix_in_use(project, tmp_path):
 
 
 def test_written_files_get_the_modes_of_the_umask(tmp_path):
-    from mpe.atomic import atomic_dir, write_text
-    from mpe.storage import atomic_local_copy
+    from mpe.files.atomic import atomic_dir, write_text
+    from mpe.files.storage import atomic_local_copy
 
     old = os.umask(0o022)
     try:
@@ -192,15 +215,19 @@ def test_written_files_get_the_modes_of_the_umask(tmp_path):
 
 
 def _ray_processes(temp_dir: str) -> list[int]:
-    from mpe.ray_cluster import _processes
+    from mpe.runtime.ray_cluster import _processes
 
     return [pid for pid, (_, marked) in _processes(temp_dir).items() if marked]
 
 
 def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(project, tmp_path):
     params = copy_project(project, tmp_path, train={"max_steps": 12, "checkpoint_every": 2, "log_sample_keys": True})
-    proc = subprocess.Popen([str(BIN / "mpe"), "--params", str(params), "train"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "mpe"), "--params", str(params), "train"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not has_intact_checkpoint(tmp_path / "ray_results"):

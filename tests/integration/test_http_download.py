@@ -30,8 +30,9 @@ BIN = Path(sys.executable).parent
 
 
 def _params(root: Path, url_list: Path, **data) -> Params:
-    p = small_params(root, root / "unused-base", data={"source": "url_list", "url_list": str(url_list),
-                                                       "image_size": 32, **data})
+    p = small_params(
+        root, root / "unused-base", data={"source": "url_list", "url_list": str(url_list), "image_size": 32, **data}
+    )
     return Params.model_validate(p)
 
 
@@ -45,10 +46,22 @@ def _members(tar: Path) -> dict[str, bytes]:
         return {m.name: t.extractfile(m).read() for m in t if m.isfile()}
 
 
-GOOD = {f"good-{fmt}-{i}": ((40 + 60 * i, 200 - 50 * i, 30 + 90 * i), fmt) for i in range(2) for fmt in ("jpg", "png", "webp")}
+GOOD = {
+    f"good-{fmt}-{i}": ((40 + 60 * i, 200 - 50 * i, 30 + 90 * i), fmt)
+    for i in range(2)
+    for fmt in ("jpg", "png", "webp")
+}
 # fault → the status class img2dataset's message for it falls in
-FAULTS = {"missing": "http_4xx", "server-error": "http_5xx", "slow": "timeout", "truncated": "truncated",
-          "not-an-image": "not_an_image", "noai": "opted_out", "huge": "image_too_large", "redirect": "success"}
+FAULTS = {
+    "missing": "http_4xx",
+    "server-error": "http_5xx",
+    "slow": "timeout",
+    "truncated": "truncated",
+    "not-an-image": "not_an_image",
+    "noai": "opted_out",
+    "huge": "image_too_large",
+    "redirect": "success",
+}
 
 
 def test_http_faults_are_counted_by_class_and_the_floor_stops_with_them(tmp_path):
@@ -66,7 +79,9 @@ def test_http_faults_are_counted_by_class_and_the_floor_stops_with_them(tmp_path
         rows += [(f"{srv.url}/{n}.{'png' if n in ('redirect', 'noai', 'huge') else 'jpg'}", n) for n in FAULTS]
         url_list = tmp_path / "lists"  # a folder of parts, as LAION ships them
         url_list.mkdir()
-        pd.DataFrame({"URL": [u for u, _ in rows], "TEXT": [n for _, n in rows]}).to_parquet(url_list / "faults.parquet")
+        pd.DataFrame({"URL": [u for u, _ in rows], "TEXT": [n for _, n in rows]}).to_parquet(
+            url_list / "faults.parquet"
+        )
         kw = dict(timeout=5, max_image_area=4e6, test_fraction=0.3, threads=16)
 
         from mpe.stages import data as data_stage
@@ -97,8 +112,9 @@ def test_http_faults_are_counted_by_class_and_the_floor_stops_with_them(tmp_path
     assert grown["parts"] == {"faults": {"train": "kept", "test": "kept"}, "extra": {extra_split: "downloaded"}}
     after = _tar_hashes(tmp_path / "data")
     assert {k: after[k] for k in shards_before} == shards_before and len(after) == len(shards_before) + 1
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "data" / "url_lists" / "test" / "faults.parquet"),
-                                  eval_before)  # the evaluation rows did not move
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "data" / "url_lists" / "test" / "faults.parquet"), eval_before
+    )  # the evaluation rows did not move
     assert stats["parts"] == {"faults": {"train": "kept", "test": "kept"}}
     expected = {"success": 7, **{c: 1 for c in set(FAULTS.values()) - {"success"}}}
     assert metrics["outcomes"]["status_class"] == expected
@@ -121,7 +137,7 @@ def test_http_faults_are_counted_by_class_and_the_floor_stops_with_them(tmp_path
 
 
 def _tar_hashes(root: Path) -> dict[str, str]:
-    from mpe.hashing import file_sha256
+    from mpe.files.hashing import file_sha256
 
     return {str(t.relative_to(root)): file_sha256(t) for t in root.glob("shards/*/*.tar")}
 
@@ -137,8 +153,13 @@ def test_a_killed_download_resumes_without_fetching_saved_images_again(tmp_path)
         params_file = tmp_path / "params.yaml"
         params_file.write_text(yaml.safe_dump(p.model_dump(mode="json", by_alias=True)))
         staging = tmp_path / "data" / "downloads" / "train" / "big"
-        proc = subprocess.Popen([str(BIN / "mpe"), "--params", str(params_file), "data"], cwd=tmp_path,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(BIN / "mpe"), "--params", str(params_file), "data"],
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 240
             while len(list(staging.glob("*_stats.json"))) < 4:
@@ -160,7 +181,10 @@ def test_a_killed_download_resumes_without_fetching_saved_images_again(tmp_path)
 
         stats = prepare_data(p.data, 0)
         counts = dict(srv.counts)
-    assert stats["outcomes"]["successes"] == n and stats["parts"]["big"] == {"train": "downloaded", "test": "downloaded"}
+    assert stats["outcomes"]["successes"] == n and stats["parts"]["big"] == {
+        "train": "downloaded",
+        "test": "downloaded",
+    }
     assert all(counts[path] == 1 for path in saved), {p: counts[p] for p in saved if counts[p] != 1}
     assert set(counts) == {f"/k/{i}.png" for i in range(n)}
     shards = tmp_path / "data" / "shards" / "train"

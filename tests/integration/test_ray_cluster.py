@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpe.checkpoint import newest_intact
+from mpe.training.checkpoint import newest_intact
 from tests.project_config import copy_project, has_intact_checkpoint, local_cluster_dir
 
 BIN = Path(sys.executable).parent
@@ -25,7 +25,7 @@ NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 10
 
 
 def _add_node(cluster, **args):
-    from mpe.ray_cluster import local_node_env
+    from mpe.runtime.ray_cluster import local_node_env
 
     with local_node_env():  # the node's processes inherit a HOME that keeps Ray off cloud metadata
         return cluster.add_node(**NODE, **args)
@@ -62,8 +62,12 @@ def cluster():
     c = Cluster()
     try:
         # A killed node is declared dead after 4 missed health checks 0.5 s apart (Ray's default: 15 s).
-        _add_node(c, include_dashboard=False, temp_dir=temp_dir,
-                  _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4})
+        _add_node(
+            c,
+            include_dashboard=False,
+            temp_dir=temp_dir,
+            _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        )
         _add_node(c)
         c.wait_for_nodes(timeout=60)
         yield c
@@ -80,14 +84,20 @@ def cluster():
 
 
 def _mpe(params: Path, *args, **popen) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "mpe"), "--params", str(params), *args], cwd=params.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [str(BIN / "mpe"), "--params", str(params), *args],
+        cwd=params.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def _still_whole_and_alone(cluster, project_dir: Path) -> None:
     """The joined cluster is still up with all its nodes, every one on loopback, and the job started no
     local cluster of its own (no folder of one, no process carrying its marker)."""
-    from mpe.ray_cluster import _processes
+    from mpe.runtime.ray_cluster import _processes
 
     cluster.wait_for_nodes(timeout=60)
     assert cluster.remaining_processes_alive()
@@ -99,10 +109,10 @@ def _still_whole_and_alone(cluster, project_dir: Path) -> None:
 
 
 def test_the_ray_cache_engine_joins_the_cluster_and_writes_the_local_engine_s_shards(project, cluster, tmp_path):
-    from mpe import storage
-    from mpe.cache_compute import cache_fields
-    from mpe.cache_store import ShardReader, open_active
+    from mpe.cache.compute import cache_fields
+    from mpe.cache.store import ShardReader, open_active
     from mpe.config import load_params
+    from mpe.files import storage
 
     root, local_params = project
     params = copy_project(project, tmp_path, ray={"address": cluster.address}, cache={"engine": "ray"})
@@ -124,9 +134,18 @@ def test_the_ray_cache_engine_joins_the_cluster_and_writes_the_local_engine_s_sh
 
 def test_training_on_two_nodes_loses_one_and_resumes_from_its_last_checkpoint(project, cluster, tmp_path):
     steps, every = 12, 2
-    params = copy_project(project, tmp_path, ray={"address": cluster.address},
-                          train={"max_steps": steps, "checkpoint_every": every, "num_workers": 2,
-                                 "loader_workers": 0, "threads_per_worker": 1})
+    params = copy_project(
+        project,
+        tmp_path,
+        ray={"address": cluster.address},
+        train={
+            "max_steps": steps,
+            "checkpoint_every": every,
+            "num_workers": 2,
+            "loader_workers": 0,
+            "threads_per_worker": 1,
+        },
+    )
     results = tmp_path / "ray_results"
     # Two workers of one CPU each on two nodes of one CPU each: one worker per node.
     assert cluster.global_state.cluster_resources()["CPU"] == 2

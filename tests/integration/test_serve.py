@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from mpe.config import ModelConfig, ServeConfig
-from mpe.model import MultiPromptCLIP
-from mpe.tracking_server import free_port
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
+from mpe.runtime.loopback import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "models:/mpe-multiprompt@champion"
@@ -48,10 +48,20 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_base_dir, tmp_path_factory):
-    cfg = ModelConfig.model_validate({
-        "embed_dim": 64, "text": {"num_prompts": 2, "max_caption_tokens": 32},
-        "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
-                   "intermediate_size": 128}})
+    cfg = ModelConfig.model_validate(
+        {
+            "embed_dim": 64,
+            "text": {"num_prompts": 2, "max_caption_tokens": 32},
+            "vision": {
+                "image_size": 32,
+                "patch_size": 8,
+                "hidden_size": 64,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 128,
+            },
+        }
+    )
     out = tmp_path_factory.mktemp("serve") / "model"
     MultiPromptCLIP.from_base(tiny_base_dir, cfg, seed=0).save_pretrained(out)
     return out
@@ -62,8 +72,9 @@ def registered(model_dir):
     """The model logged as our pyfunc and registered as mpe-multiprompt@champion in a local sqlite store."""
     import mlflow
 
-    from mpe.tracking import log_pyfunc, use
-    from mpe.tracking_settings import TrackingSettings
+    from mpe.serving.mlflow_model import log_pyfunc
+    from mpe.tracking.runs import use
+    from mpe.tracking.settings import TrackingSettings
 
     root = model_dir.parent
     settings = TrackingSettings(f"sqlite:///{root / 'mlruns.db'}", (root / "mlartifacts").as_uri(), "serve-test")
@@ -86,13 +97,22 @@ def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
     port = free_port()
     logfile = cwd / f"server-{port}.log"
     # the venv's bin on PATH: mlflow models serve execs `uvicorn`
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           **(env_extra or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        **(env_extra or {}),
+    }
     with open(logfile, "w") as log:
         # its own session: mlflow models serve runs uvicorn as a child, which must stop with it
-        proc = subprocess.Popen(command + ["--port", str(port)], cwd=cwd, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command + ["--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -134,8 +154,21 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(registered, model_dir):
-    with _running([sys.executable, "-m", "mpe.cli", "serve", "--model", MODEL, "--tracking-uri", registered,
-                   "--max-body-mb", str(MAX_BODY_MB)], model_dir.parent) as client:
+    with _running(
+        [
+            sys.executable,
+            "-m",
+            "mpe.cli",
+            "serve",
+            "--model",
+            MODEL,
+            "--tracking-uri",
+            registered,
+            "--max-body-mb",
+            str(MAX_BODY_MB),
+        ],
+        model_dir.parent,
+    ) as client:
         yield client
 
 
@@ -181,10 +214,12 @@ BAD = {
     "both_null": (_split([["a red circle", None], [None, None]]), 400, ["row 1", "neither"]),
     "both_set": (_split([["a red circle", _b64(IMAGES[0])]]), 400, ["row 0", "both"]),
     "invalid_base64": (_split([[TEXTS[0], None], [None, "not*base64!"]]), 400, ["row 1", "not valid base64"]),
-    "not_an_image": (_split([[None, _b64(b"plain text, not a picture")]]), 400,
-                     ["row 0", "not an image", "25 bytes"]),
-    "1MB_caption": (_split([[TEXTS[0], None], ["x" * 2**20, None]]), 400,
-                    ["row 1", f"{2**20} characters", f"limit of {CAPTION_LIMIT}"]),
+    "not_an_image": (_split([[None, _b64(b"plain text, not a picture")]]), 400, ["row 0", "not an image", "25 bytes"]),
+    "1MB_caption": (
+        _split([[TEXTS[0], None], ["x" * 2**20, None]]),
+        400,
+        ["row 1", f"{2**20} characters", f"limit of {CAPTION_LIMIT}"],
+    ),
     "huge_image": (_split([[None, _b64(_png((0, 0, 0), size=4200))]]), 400, ["row 0", "4200×4200 pixels"]),
     "column_twice": (_split([["a", "b"]], columns=["text", "text"]), 400, ["named twice"]),
     "text_not_string": (_split([[42, None]]), 400, ["row 0", "must be a string"]),
@@ -220,7 +255,7 @@ def test_model_folder_forms(registered, model_dir, tmp_path):
     import mlflow
 
     from mpe.errors import ConfigError
-    from mpe.serving import model_folder
+    from mpe.serving.server import model_folder
 
     assert model_folder(str(model_dir)) == model_dir
     before = mlflow.get_tracking_uri()
@@ -241,8 +276,11 @@ def test_mlflow_models_serve_answers_the_same(registered, model_dir, reference):
     """MLflow's own scoring server on the registered pyfunc: the same embeddings, and the pyfunc's row
     errors reach the client as 400 with our message (MLflow prefixes the table it failed on)."""
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    with _running([str(mlflow_cli), "models", "serve", "-m", MODEL, "--env-manager", "local", "-h", "127.0.0.1"],
-                  model_dir.parent, {"MLFLOW_TRACKING_URI": registered}) as client:
+    with _running(
+        [str(mlflow_cli), "models", "serve", "-m", MODEL, "--env-manager", "local", "-h", "127.0.0.1"],
+        model_dir.parent,
+        {"MLFLOW_TRACKING_URI": registered},
+    ) as client:
         _check_good(client, reference)
         r = client.post("/invocations", json=_split([["a red circle", None], [None, None]]))
         assert r.status_code == 400 and "row 1: has neither" in r.json()["message"]

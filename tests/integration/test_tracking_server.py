@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mpe.config import MlflowConfig
-from mpe.tracking_server import Layout, scram_verifier
-from mpe.tracking_settings import tracking_settings
+from mpe.tracking.server import Layout, scram_verifier
+from mpe.tracking.settings import tracking_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def _connect(server, user: str, db: str, password: str | None):
     import psycopg
 
-    return psycopg.connect(host="127.0.0.1", port=server["pg_port"], user=user, dbname=db, password=password,
-                           connect_timeout=10)
+    return psycopg.connect(
+        host="127.0.0.1", port=server["pg_port"], user=user, dbname=db, password=password, connect_timeout=10
+    )
 
 
 def test_mlflow_owns_its_database_as_an_unprivileged_role_and_the_password_stays_in_the_passfile(tracking_server):
@@ -38,7 +39,8 @@ def test_mlflow_owns_its_database_as_an_unprivileged_role_and_the_password_stays
     assert (host, int(port), db, user) == ("127.0.0.1", tracking_server["pg_port"], "mlflow", "mlflow")
     with _connect(tracking_server, "mlflow", "mlflow", password) as conn:
         super_, createrole, createdb = conn.execute(
-            "select rolsuper, rolcreaterole, rolcreatedb from pg_roles where rolname = current_user").fetchone()
+            "select rolsuper, rolcreaterole, rolcreatedb from pg_roles where rolname = current_user"
+        ).fetchone()
         owner = conn.execute("select pg_get_userbyid(datdba) from pg_database where datname = 'mlflow'").fetchone()[0]
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where tableowner = 'mlflow'")}
         listen = conn.execute("show listen_addresses").fetchone()[0]
@@ -62,8 +64,13 @@ def test_a_second_start_finds_the_running_server(tracking_server):
     lay = Layout(tracking_server["dir"])
     before = json.loads(lay.state.read_text())
     port = tracking_server["uri"].rsplit(":", 1)[1]
-    out = subprocess.run([sys.executable, "-m", "mpe.cli", "tracking-server", "start", "--dir", str(lay.root),
-                          "--port", port], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mpe.cli", "tracking-server", "start", "--dir", str(lay.root), "--port", port],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "already running" in out.stdout and f"pid {before['pid']}" in out.stdout
     assert json.loads(lay.state.read_text()) == before
@@ -74,8 +81,10 @@ def test_scram_verifier_matches_rfc7677_test_vector():
     v = scram_verifier("pencil", base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ=="), 4096)
     server_key = v.rsplit(":", 1)[1]
     # ServerSignature in the RFC is HMAC(ServerKey, AuthMessage); check ServerKey through it
-    auth = (b"n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-            b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
+    auth = (
+        b"n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+        b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+    )
     signature = hmac.new(base64.b64decode(server_key), auth, hashlib.sha256).digest()
     assert base64.b64encode(signature).decode() == "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
 

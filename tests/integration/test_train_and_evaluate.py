@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mpe.config import load_params
-from mpe.model import MultiPromptCLIP
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
 from tests.project_config import small_params, write_params
 
 
@@ -48,9 +48,12 @@ def test_a_restarted_run_trains_on_exactly_the_samples_of_an_uninterrupted_one(t
 
     root, params, summary = trained
     resumed = _keys_by_step(Path(params.train.storage_path) / summary["ray_run_name"])
-    data = small_params(root, tiny_base_dir, train={"log_sample_keys": True, "run_name": "uninterrupted",
-                                                    "out_dir": str(root / "models" / "uninterrupted")},
-                        evaluate={"out_dir": str(root / "metrics-uninterrupted")})
+    data = small_params(
+        root,
+        tiny_base_dir,
+        train={"log_sample_keys": True, "run_name": "uninterrupted", "out_dir": str(root / "models" / "uninterrupted")},
+        evaluate={"out_dir": str(root / "metrics-uninterrupted")},
+    )
     straight = run_train_stage(load_params(write_params(root, data)))
     assert straight["restored_from_step"] is None
     reference = _keys_by_step(Path(params.train.storage_path) / straight["ray_run_name"])
@@ -123,7 +126,7 @@ def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
 
 
 def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
-    from mpe.run_identity import run_fingerprint
+    from mpe.training.run_identity import run_fingerprint
 
     root, params = project
 
@@ -137,24 +140,31 @@ def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
 def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
     from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
 
-    from mpe.cache_compute import cache_fields
-    from mpe.cache_store import TextStates, open_active
+    from mpe.cache.compute import cache_fields
+    from mpe.cache.store import TextStates, open_active
     from mpe.data.loader import load_split
-    from mpe.evaluation import TextEmbedder, embed_images
+    from mpe.evaluation.tasks import TextEmbedder, embed_images
     from mpe.stages.evaluate import run as run_evaluate_stage
 
     root, params, _ = trained
     report = run_evaluate_stage(params)
     assert (root / "plots" / "recall.png").stat().st_size > 0 and (root / "plots" / "loss.png").exists()
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(json.loads(
-        (root / "metrics" / "train.json").read_text())["mlflow_run_id"], "plots")}
+    logged = {
+        a.path
+        for a in mlflow.MlflowClient().list_artifacts(
+            json.loads((root / "metrics" / "train.json").read_text())["mlflow_run_id"], "plots"
+        )
+    }
     assert {"plots/loss.png", "plots/recall.png", "plots/prompt_maps.png"} <= logged
     model = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     test, _ = load_split(root / "data" / "shards" / "test")
     texts = list(dict.fromkeys(s.caption for s in test))
-    cache = TextStates(open_active(params.cache.root, cache_fields(Path(params.base_model.out_dir),
-                                                                   params.model.text, params.cache.dtype)))
+    cache = TextStates(
+        open_active(
+            params.cache.root, cache_fields(Path(params.base_model.out_dir), params.model.text, params.cache.dtype)
+        )
+    )
     t = TextEmbedder(model, cache)(texts)
     v = embed_images(model, [s.image for s in test])
     pos = torch.tensor([[s.caption == x for s in test] for x in texts])

@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpe.cache_compute import cache_data_shard, load_trunk_tower
-from mpe.cache_store import ShardReader
-from mpe.data.synthetic_corpus import write_corpus
+from mpe.cache.compute import cache_data_shard, load_trunk_tower
+from mpe.cache.store import ShardReader
 from mpe.data.train_stream import SlotStream, StreamSpec, TrainLoader
 from mpe.errors import DataError
+from tests.synthetic_corpus import write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(project, tmp_path_factory):
     _, params = project
     root = tmp_path_factory.mktemp("stream")
-    shards = write_corpus(root / "shards", 150, 40, image_size=32, empty_caption_every=17,
-                          corrupt_image_every=23, captions_repeat=2)
+    shards = write_corpus(
+        root / "shards", 150, 40, image_size=32, empty_caption_every=17, corrupt_image_every=23, captions_repeat=2
+    )
     tower = load_trunk_tower(Path(params.base_model.out_dir), params.model.text)
     caches = []
     for d in shards:
@@ -31,8 +32,17 @@ def corpus(project, tmp_path_factory):
 
 def _spec(corpus, **kw):
     data, cache, _ = corpus
-    base = dict(data_shards=data, cache_shards=cache, batch_size=8, image_size=32, shuffle_buffer=24, seed=3,
-                rank=0, world=1, workers=2)
+    base = dict(
+        data_shards=data,
+        cache_shards=cache,
+        batch_size=8,
+        image_size=32,
+        shuffle_buffer=24,
+        seed=3,
+        rank=0,
+        world=1,
+        workers=2,
+    )
     return StreamSpec(**{**base, **kw})
 
 
@@ -86,10 +96,10 @@ def test_batches_carry_the_cached_states_of_their_captions(corpus):
     for i, key in enumerate(batch["keys"]):
         reader, u = by_key[key]
         c = int(batch["caption_lens"][i])
-        rows = batch["states"][i, -(c + seg):].float()
+        rows = batch["states"][i, -(c + seg) :].float()
         assert torch.equal(rows, reader.rows(u))
-        assert torch.allclose(rows, fresh[i, -(c + seg):].float(), rtol=2e-3, atol=2e-3)
-        assert (batch["states"][i, :-(c + seg)] == 0).all()
+        assert torch.allclose(rows, fresh[i, -(c + seg) :].float(), rtol=2e-3, atol=2e-3)
+        assert (batch["states"][i, : -(c + seg)] == 0).all()
 
 
 def test_skipped_samples_are_counted(corpus):
@@ -114,4 +124,6 @@ def test_shards_read_through_file_urls_give_the_same_batches(corpus):
     remote = TrainLoader(_spec(corpus, data_shards=as_url(data), cache_shards=as_url(cache), workers=0))
     for _ in range(3):
         a, b = next(local), next(remote)
-        assert a["keys"] == b["keys"] and torch.equal(a["states"], b["states"]) and torch.equal(a["pixels"], b["pixels"])
+        assert (
+            a["keys"] == b["keys"] and torch.equal(a["states"], b["states"]) and torch.equal(a["pixels"], b["pixels"])
+        )

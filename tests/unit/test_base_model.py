@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mpe.base_model import bundled_gguf, resolve_base_model
 from mpe.errors import BaseModelError
-from mpe.text.lm_io import load_lm
+from mpe.model.base_model import bundled_gguf, resolve_base_model
+from mpe.model.text.lm_io import load_lm
 
 
 def test_bundled_default_is_a_plain_safetensors_checkpoint(base_dir):
@@ -61,8 +61,8 @@ def test_unknown_name_is_rejected():
 def test_untrained_prompts_read_different_states(base_dir):
     """Distinct APT rows keep the K prompts apart on the real base model; identical rows collapse them."""
     from mpe.config import TextConfig
-    from mpe.text.apt_tokens import add_apt_tokens
-    from mpe.text.tower import LLMTextTower
+    from mpe.model.text.apt_tokens import add_apt_tokens
+    from mpe.model.text.tower import LLMTextTower
 
     lm, tok = load_lm(base_dir)
     ids = add_apt_tokens(lm, tok, 4)

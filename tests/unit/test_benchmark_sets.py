@@ -12,17 +12,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from mpe.benchmark_sets.scoring import benchmark_metrics, read_benchmarks
 from mpe.config import EvalConfig
 from mpe.errors import ConfigError, DataError
-from mpe.evaluation import TextEmbedder
-from mpe.promotion_gate import gate_score
+from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
+from mpe.evaluation.tasks import TextEmbedder
+from mpe.tracking.gate import gate_score
 from tests.unit.test_model import tiny_model
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white"]
 SHAPES = ["circle", "square", "triangle"]
-RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-       "purple": (150, 40, 180), "orange": (240, 140, 20), "white": (245, 245, 245)}
+RGB = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+    "purple": (150, 40, 180),
+    "orange": (240, 140, 20),
+    "white": (245, 245, 245),
+}
 
 
 def picture(i: int) -> Image.Image:
@@ -59,16 +66,28 @@ def files(tmp_path_factory):
     for i in range(6):  # 4 test images, one train, one val
         picture(i).save(root / "flickr" / "flickr30k-images" / f"{1000 + i}.jpg", quality=95)
         split = "train" if i == 4 else "val" if i == 5 else "test"
-        entries.append({"filename": f"{1000 + i}.jpg", "imgid": i, "split": split,
-                        "sentences": [{"raw": c + " ", "tokens": c.split()} for c in captions_of(i)]})
+        entries.append(
+            {
+                "filename": f"{1000 + i}.jpg",
+                "imgid": i,
+                "split": split,
+                "sentences": [{"raw": c + " ", "tokens": c.split()} for c in captions_of(i)],
+            }
+        )
     (root / "flickr" / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
 
     (root / "coco" / "val2014").mkdir(parents=True)
     coco = []
     for i in range(3):
         picture(i + 2).save(root / "coco" / "val2014" / f"COCO_val2014_{i:012d}.png")
-        coco.append({"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.png", "split": "test",
-                     "sentences": [{"raw": c} for c in captions_of(i + 2)]})
+        coco.append(
+            {
+                "filepath": "val2014",
+                "filename": f"COCO_val2014_{i:012d}.png",
+                "split": "test",
+                "sentences": [{"raw": c} for c in captions_of(i + 2)],
+            }
+        )
     (root / "coco" / "dataset_coco.json").write_text(json.dumps({"images": coco}))
 
     # as clip_benchmark.webdataset_builder.convert_retrieval_dataset writes it: lossless webp, captions
@@ -93,8 +112,17 @@ def files(tmp_path_factory):
     (root / "neg" / "images").mkdir(parents=True)
     with (root / "neg" / "mcq.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image_path", "caption_0", "caption_1", "caption_2", "caption_3", "correct_answer",
-                    "correct_answer_template"])
+        w.writerow(
+            [
+                "image_path",
+                "caption_0",
+                "caption_1",
+                "caption_2",
+                "caption_3",
+                "correct_answer",
+                "correct_answer_template",
+            ]
+        )
         for i in range(5):
             picture(i).save(root / "neg" / "images" / f"{i}.jpg", quality=95)  # the pixels of flickr's
             c, s = COLOURS[i % 7], SHAPES[i % 3]
@@ -105,13 +133,22 @@ def files(tmp_path_factory):
 
 def bench(files, *more):
     base = [
-        {"name": "flickr30k", "kind": "karpathy", "path": str(files / "flickr" / "dataset_flickr30k.json"),
-         "image_root": str(files / "flickr" / "flickr30k-images")},
+        {
+            "name": "flickr30k",
+            "kind": "karpathy",
+            "path": str(files / "flickr" / "dataset_flickr30k.json"),
+            "image_root": str(files / "flickr" / "flickr30k-images"),
+        },
         {"name": "coco", "kind": "karpathy", "path": str(files / "coco" / "dataset_coco.json")},
         {"name": "wds", "kind": "clip_benchmark_wds", "path": str(files / "wds")},
-        {"name": "shapes4", "kind": "image_folder", "path": str(files / "folder"),
-         "classnames": str(files / "classnames.json"), "templates": ["a photo of a {c}.", "{c}", "a drawing of a {c}"],
-         "top_k": [1, 2, 5]},
+        {
+            "name": "shapes4",
+            "kind": "image_folder",
+            "path": str(files / "folder"),
+            "classnames": str(files / "classnames.json"),
+            "templates": ["a photo of a {c}.", "{c}", "a drawing of a {c}"],
+            "top_k": [1, 2, 5],
+        },
         {"name": "negbench", "kind": "negbench_mcq", "path": str(files / "neg" / "mcq.csv")},
     ]
     return EvalConfig(benchmarks=[*base, *more]).benchmarks
@@ -171,13 +208,15 @@ def test_karpathy_flickr_and_coco_match_brute_force_and_clip_benchmark(files, mo
     _, (flat, details) = evaluated
     assert details["flickr30k"]["n_images"] == 4 and details["flickr30k"]["n_texts"] == 20  # test split only
     assert details["coco"]["n_images"] == 3 and details["coco"]["n_texts"] == 15
-    for name, folder, ids in (("flickr30k", files / "flickr" / "flickr30k-images", range(4)),
-                              ("coco", files / "coco" / "val2014", range(3))):
+    for name, folder, ids in (
+        ("flickr30k", files / "flickr" / "flickr30k-images", range(4)),
+        ("coco", files / "coco" / "val2014", range(3)),
+    ):
         paths = sorted(folder.iterdir())
         images = [Image.open(p).convert("RGB") for p in paths]
         captions = [c for i in ids for c in captions_of(i + (2 if name == "coco" else 0))]
         owner = [i for i in range(len(ids)) for _ in range(5)]
-        ref, scores = brute_retrieval(model, images[:len(ids)], captions, owner, (1, 2, 5))
+        ref, scores = brute_retrieval(model, images[: len(ids)], captions, owner, (1, 2, 5))
         pos = torch.zeros_like(scores, dtype=torch.bool)
         pos[torch.arange(len(owner)), torch.tensor(owner)] = True
         for key, value in ref.items():
@@ -197,10 +236,13 @@ def test_clip_benchmark_wds_reads_as_clip_benchmark_reads_it(files, model, evalu
 
     sets, (flat, details) = evaluated
     n = int((files / "wds" / "test" / "nshards.txt").read_text())
-    pattern = str(files / "wds" / "test" / ("{0..%d}.tar" % (n - 1)))  # clip_benchmark's build_wds_dataset pipeline
-    theirs = list(wds.WebDataset(pattern, shardshuffle=False, nodesplitter=lambda src: src)
-                  .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
-                  .to_tuple(["webp", "png", "jpg", "jpeg"], "txt").map_tuple(lambda im: im, str.splitlines))
+    pattern = str(files / "wds" / "test" / f"{{0..{n - 1}}}.tar")  # clip_benchmark's build_wds_dataset pipeline
+    theirs = list(
+        wds.WebDataset(pattern, shardshuffle=False, nodesplitter=lambda src: src)
+        .decode(wds.autodecode.ImageHandler("pil", extensions=["webp", "png", "jpg", "jpeg"]))
+        .to_tuple(["webp", "png", "jpg", "jpeg"], "txt")
+        .map_tuple(lambda im: im, str.splitlines)
+    )
     assert len(list((files / "wds" / "test").glob("*.tar"))) == 2
     mine = sets["wds"]
     assert [c for _, caps in theirs for c in caps] == mine.captions
@@ -232,8 +274,11 @@ def test_image_folder_zero_shot_matches_template_ensemble_by_hand(files, model, 
         assert flat[f"shapes4.top{k}_accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
     # (clip_benchmark's own accuracy() fails under numpy 2 — float() of a 1-element array — so no second check)
     assert "shapes4.top5_accuracy" not in flat  # 4 classes: top-5 says nothing (CLIP_benchmark reports nan)
-    assert details["shapes4"] == {**{k.split(".")[1]: v for k, v in flat.items() if k.startswith("shapes4.")},
-                                  "n_images": 8, "n_classes": 4}
+    assert details["shapes4"] == {
+        **{k.split(".")[1]: v for k, v in flat.items() if k.startswith("shapes4.")},
+        "n_images": 8,
+        "n_classes": 4,
+    }
 
 
 def test_negbench_mcq_accuracy_and_per_type_by_hand(files, model, evaluated):
@@ -254,16 +299,31 @@ def test_negbench_mcq_accuracy_and_per_type_by_hand(files, model, evaluated):
 
 def test_missing_files_fail_with_the_path_and_the_layout(files, tmp_path):
     cases = [
-        ({"name": "f", "kind": "karpathy", "path": str(tmp_path / "dataset_flickr30k.json")},
-         "dataset_flickr30k.json: benchmark file not found; expected Karpathy's JSON"),
-        ({"name": "f", "kind": "karpathy", "path": str(files / "flickr" / "dataset_flickr30k.json"),
-          "image_root": str(tmp_path / "nope")}, "nope: benchmark folder not found"),
-        ({"name": "w", "kind": "clip_benchmark_wds", "path": str(tmp_path)}, "test/nshards.txt: benchmark file not "
-                                                                              "found; expected CLIP_benchmark's webdataset"),
-        ({"name": "i", "kind": "image_folder", "path": str(tmp_path / "imagenet")},
-         "imagenet: benchmark folder not found; expected one folder per class"),
-        ({"name": "n", "kind": "negbench_mcq", "path": str(tmp_path / "mcq.csv")},
-         "mcq.csv: benchmark file not found; expected NegBench's MCQ CSV"),
+        (
+            {"name": "f", "kind": "karpathy", "path": str(tmp_path / "dataset_flickr30k.json")},
+            "dataset_flickr30k.json: benchmark file not found; expected Karpathy's JSON",
+        ),
+        (
+            {
+                "name": "f",
+                "kind": "karpathy",
+                "path": str(files / "flickr" / "dataset_flickr30k.json"),
+                "image_root": str(tmp_path / "nope"),
+            },
+            "nope: benchmark folder not found",
+        ),
+        (
+            {"name": "w", "kind": "clip_benchmark_wds", "path": str(tmp_path)},
+            "test/nshards.txt: benchmark file not found; expected CLIP_benchmark's webdataset",
+        ),
+        (
+            {"name": "i", "kind": "image_folder", "path": str(tmp_path / "imagenet")},
+            "imagenet: benchmark folder not found; expected one folder per class",
+        ),
+        (
+            {"name": "n", "kind": "negbench_mcq", "path": str(tmp_path / "mcq.csv")},
+            "mcq.csv: benchmark file not found; expected NegBench's MCQ CSV",
+        ),
     ]
     for entry, message in cases:
         with pytest.raises(DataError, match=message.replace("(", r"\(")):
@@ -274,8 +334,12 @@ def test_bad_rows_are_named(files, tmp_path):
     flickr = json.loads((files / "flickr" / "dataset_flickr30k.json").read_text())
     del flickr["images"][3]["sentences"][2]["raw"]
     (tmp_path / "k.json").write_text(json.dumps(flickr))
-    k = {"name": "k", "kind": "karpathy", "path": str(tmp_path / "k.json"),
-         "image_root": str(files / "flickr" / "flickr30k-images")}
+    k = {
+        "name": "k",
+        "kind": "karpathy",
+        "path": str(tmp_path / "k.json"),
+        "image_root": str(files / "flickr" / "flickr30k-images"),
+    }
     with pytest.raises(DataError, match=r"k.json: images\[3\].sentences\[2\]: missing key 'raw'"):
         read_benchmarks(EvalConfig(benchmarks=[k]).benchmarks)
 
@@ -293,18 +357,27 @@ def test_bad_rows_are_named(files, tmp_path):
     (tmp_path / "images").symlink_to(files / "neg" / "images")
     (tmp_path / "nocol.csv").write_text("\n".join(r.replace("correct_answer,", "answer,", 1) for r in rows))
     with pytest.raises(DataError, match=r"nocol.csv: missing column\(s\) \['correct_answer'\]"):
-        read_benchmarks(EvalConfig(benchmarks=[{"name": "n", "kind": "negbench_mcq",
-                                                "path": str(tmp_path / "nocol.csv")}]).benchmarks)
+        read_benchmarks(
+            EvalConfig(
+                benchmarks=[{"name": "n", "kind": "negbench_mcq", "path": str(tmp_path / "nocol.csv")}]
+            ).benchmarks
+        )
     bad = rows[:3] + [rows[3].replace("images/2.jpg", "images/missing.jpg")] + rows[4:]
     (tmp_path / "badrow.csv").write_text("\n".join(bad))
     with pytest.raises(DataError, match=r"badrow.csv: row 3 \(line 4\) \(.*missing.jpg\): image file not found"):
-        read_benchmarks(EvalConfig(benchmarks=[{"name": "n", "kind": "negbench_mcq",
-                                                "path": str(tmp_path / "badrow.csv")}]).benchmarks)
+        read_benchmarks(
+            EvalConfig(
+                benchmarks=[{"name": "n", "kind": "negbench_mcq", "path": str(tmp_path / "badrow.csv")}]
+            ).benchmarks
+        )
     bad = rows[:2] + [rows[2].rsplit(",", 2)[0] + ",7,negative"] + rows[3:]
     (tmp_path / "badanswer.csv").write_text("\n".join(bad))
     with pytest.raises(DataError, match=r"badanswer.csv: row 2 \(line 3\): correct_answer 7 is not among"):
-        read_benchmarks(EvalConfig(benchmarks=[{"name": "n", "kind": "negbench_mcq",
-                                                "path": str(tmp_path / "badanswer.csv")}]).benchmarks)
+        read_benchmarks(
+            EvalConfig(
+                benchmarks=[{"name": "n", "kind": "negbench_mcq", "path": str(tmp_path / "badanswer.csv")}]
+            ).benchmarks
+        )
 
 
 def test_config_rejects_bad_entries():
@@ -325,6 +398,9 @@ def test_gate_names_a_benchmark_metric_and_mean_recall_ignores_benchmarks(evalua
     metrics = {**test, **flat}
     assert gate_score(metrics, "flickr30k.text_to_image_R@2") == flat["flickr30k.text_to_image_R@2"]
     assert gate_score(metrics, "mean_recall") == pytest.approx(0.3)
-    with pytest.raises(ConfigError, match=r"'flickr30k.text_to_image_R@10' is not among the evaluated metrics; "
-                                          r"available: mean_recall, .*flickr30k.text_to_image_R@5"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'flickr30k.text_to_image_R@10' is not among the evaluated metrics; "
+        r"available: mean_recall, .*flickr30k.text_to_image_R@5",
+    ):
         gate_score(metrics, "flickr30k.text_to_image_R@10")

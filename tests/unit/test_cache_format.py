@@ -7,8 +7,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mpe.cache_store import (STORAGE, CacheCorrupt, CacheFolder, CacheOverflow, ShardReader, ShardWriter, cache_key,
-                             encode, open_active, text_digest)
+from mpe.cache.store import (
+    STORAGE,
+    CacheCorrupt,
+    CacheFolder,
+    CacheOverflow,
+    ShardReader,
+    ShardWriter,
+    cache_key,
+    encode,
+    open_active,
+    text_digest,
+)
 from mpe.errors import CacheMismatch, StageInputError
 
 FIELDS = {"format": 2, "model_sha256": "abc", "dtype": "float16", "num_prompts": 2, "compute_dtype": "float32"}
@@ -17,8 +27,16 @@ TOLERANCE = {"float32": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "float8_e4m3_row
 
 def _write(path, dtype, states, lens, seg, order=None):
     texts = [f"text {i}" for i in range(len(lens))]
-    w = ShardWriter(path, STORAGE[dtype], states[0].shape[1], lens, seg, [text_digest(t) for t in texts],
-                    [0, 1, 1, 2][:len(lens) + 1], {"keys": json.dumps(["k0", "k1", "k2", "k3"][:len(lens) + 1])})
+    w = ShardWriter(
+        path,
+        STORAGE[dtype],
+        states[0].shape[1],
+        lens,
+        seg,
+        [text_digest(t) for t in texts],
+        [0, 1, 1, 2][: len(lens) + 1],
+        {"keys": json.dumps(["k0", "k1", "k2", "k3"][: len(lens) + 1])},
+    )
     for u in order or range(len(lens)):
         w.write_caption(u, states[u])
     w.close()
@@ -48,8 +66,16 @@ def test_round_trip_in_each_storage_dtype(tmp_path, dtype):
 
 
 def test_a_caption_never_written_fails_the_shard(tmp_path):
-    w = ShardWriter(tmp_path / "s.safetensors", STORAGE["float16"], 4, [1, 1], 1, [text_digest("a"), text_digest("b")],
-                    [0, 1], {"keys": json.dumps(["a", "b"])})
+    w = ShardWriter(
+        tmp_path / "s.safetensors",
+        STORAGE["float16"],
+        4,
+        [1, 1],
+        1,
+        [text_digest("a"), text_digest("b")],
+        [0, 1],
+        {"keys": json.dumps(["a", "b"])},
+    )
     w.write_caption(0, torch.ones(2, 4))
     with pytest.raises(ValueError, match="never written"):
         w.close()
@@ -92,4 +118,6 @@ def test_float16_overflow_is_refused():
     with pytest.raises(CacheOverflow, match="bfloat16"):
         encode(torch.full((2, 4), 1e6), STORAGE["float16"])
     stored, scale = encode(torch.full((2, 4), 1e6), STORAGE["float8_e4m3_row"])
-    assert torch.isfinite(stored.float()).all() and torch.allclose(stored.float() * scale[:, None], torch.full((2, 4), 1e6))
+    assert torch.isfinite(stored.float()).all() and torch.allclose(
+        stored.float() * scale[:, None], torch.full((2, 4), 1e6)
+    )

@@ -31,8 +31,23 @@ def test_model_init_then_embed_text_and_images(tiny_base, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(PARAMS)
     model = tmp_path / "model"
-    assert main(["--params", str(params), "model", "init", "--base", str(tiny_base), "--out", str(model),
-                 "--num-prompts", "4"]) == 0
+    assert (
+        main(
+            [
+                "--params",
+                str(params),
+                "model",
+                "init",
+                "--base",
+                str(tiny_base),
+                "--out",
+                str(model),
+                "--num-prompts",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "K=4" in capsys.readouterr().out
     texts = tmp_path / "t.txt"
     texts.write_text("a red circle\n\na blue square\n")

@@ -14,13 +14,16 @@ def test_shipped_params_load():
     assert p.model.text.pooling == "multi_prompt" and p.model.embed_dim % p.model.text.num_prompts == 0
 
 
-@pytest.mark.parametrize("text,key", [
-    ("model:\n  text:\n    num_prompts: zero\n", "model.text.num_prompts"),
-    ("model:\n  vision:\n    patch: 8\n", "model.vision.patch"),
-    ("base_model:\n  name: 3\n", "base_model.name"),
-    ("model:\n  loss:\n    kind: triplet\n", "model.loss.kind"),
-    ("train:\n  storage_path: s3://bucket/ray_results\n", "train.storage_path"),  # a shared folder, not a URL
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("model:\n  text:\n    num_prompts: zero\n", "model.text.num_prompts"),
+        ("model:\n  vision:\n    patch: 8\n", "model.vision.patch"),
+        ("base_model:\n  name: 3\n", "base_model.name"),
+        ("model:\n  loss:\n    kind: triplet\n", "model.loss.kind"),
+        ("train:\n  storage_path: s3://bucket/ray_results\n", "train.storage_path"),  # a shared folder, not a URL
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, key):
     f = tmp_path / "params.yaml"
     f.write_text(text)

@@ -28,9 +28,22 @@ KUBERNETES_VERSION = "1.33.0"  # the cluster version the core kinds are checked 
 SHARED_MOUNT = "/mnt/shared"
 # The keys infra/params.cluster.yaml may change from params.yaml (each marked "cluster:" there).
 CLUSTER_KEYS = {
-    "data.out_dir", "base_model.out_dir", "cache.root", "cache.engine", "cache.ray_actors", "cache.gpus_per_actor",
-    "train.storage_path", "train.out_dir", "train.num_workers", "train.use_gpu", "evaluate.out_dir",
-    "evaluate.plots_dir", "mlflow.tracking_uri", "mlflow.artifact_root", "ray.address", "ray.num_cpus",
+    "data.out_dir",
+    "base_model.out_dir",
+    "cache.root",
+    "cache.engine",
+    "cache.ray_actors",
+    "cache.gpus_per_actor",
+    "train.storage_path",
+    "train.out_dir",
+    "train.num_workers",
+    "train.use_gpu",
+    "metrics_dir",
+    "evaluate.plots_dir",
+    "mlflow.tracking_uri",
+    "mlflow.artifact_root",
+    "ray.address",
+    "ray.num_cpus",
 }
 
 # Run a console script with every network operation refused: an audit hook sees each socket connect and
@@ -54,8 +67,9 @@ sys.exit(script.load()())
 
 
 def offline(*argv: str | Path, code: str = RUN_CONSOLE_SCRIPT) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-c", GUARD + code, *map(str, argv)], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", GUARD + code, *map(str, argv)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert NETWORK_MARKER not in out.stderr, out.stderr
     return out
 
@@ -95,25 +109,44 @@ def containers(cluster_spec: dict) -> list[dict]:
 def test_the_network_guard_stops_a_tool_that_reaches_out():
     """The guard is what makes the offline claims below testable: check-jsonschema told to fetch a schema
     (from loopback; the lookup is refused before it happens) must be stopped and reported."""
-    out = subprocess.run([sys.executable, "-c", GUARD + RUN_CONSOLE_SCRIPT, "check-jsonschema", "--schemafile",
-                          "http://127.0.0.1:9/schema.json", INFRA / "kuberay-rayjob.yaml"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            GUARD + RUN_CONSOLE_SCRIPT,
+            "check-jsonschema",
+            "--schemafile",
+            "http://127.0.0.1:9/schema.json",
+            INFRA / "kuberay-rayjob.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and NETWORK_MARKER in out.stderr, out.stdout + out.stderr
 
 
 def test_dockerfile_passes_hadolint():
     """No finding at warning or above, with the settings in infra/hadolint.yaml (an empty ignore list)."""
     assert yaml.safe_load((INFRA / "hadolint.yaml").read_text())["ignored"] == []
-    out = subprocess.run([BIN / "hadolint", "--config", INFRA / "hadolint.yaml", "--no-color", INFRA / "Dockerfile"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [BIN / "hadolint", "--config", INFRA / "hadolint.yaml", "--no-color", INFRA / "Dockerfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_hadolint_fails_a_dockerfile_with_a_warning(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM python:latest\nRUN pip install --no-cache-dir requests==2.34.2\n")
-    out = subprocess.run([BIN / "hadolint", "--config", INFRA / "hadolint.yaml", "--no-color", bad],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [BIN / "hadolint", "--config", INFRA / "hadolint.yaml", "--no-color", bad],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "DL3007" in out.stdout
 
 
@@ -148,8 +181,16 @@ def test_core_kinds_validate_against_the_pinned_kubernetes(tmp_path, rayjob, ray
         for group in [doc["headGroupSpec"], *doc["workerGroupSpecs"]]:
             name = f"{group.get('groupName', 'head')}-{len(files)}"
             path = tmp_path / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
-                                            "template": group["template"]}))
+            path.write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PodTemplate",
+                        "metadata": {"name": name},
+                        "template": group["template"],
+                    }
+                )
+            )
             files.append(path)
     # A misspelt field in one more file must fail, and only that file: the passes above mean something.
     typo = tmp_path / "typo.yaml"
@@ -161,8 +202,10 @@ def test_core_kinds_validate_against_the_pinned_kubernetes(tmp_path, rayjob, ray
     assert [line for line in text.splitlines() if "passed" not in line and str(typo) not in line] == []
 
 
-@pytest.mark.parametrize("manifest, schema", [("kuberay-raycluster.yaml", "raycluster-ray.io-v1.json"),
-                                              ("kuberay-rayjob.yaml", "rayjob-ray.io-v1.json")])
+@pytest.mark.parametrize(
+    "manifest, schema",
+    [("kuberay-raycluster.yaml", "raycluster-ray.io-v1.json"), ("kuberay-rayjob.yaml", "rayjob-ray.io-v1.json")],
+)
 def test_kuberay_kinds_validate_against_the_crd_schemas(tmp_path, manifest, schema):
     """Strict like the API server: the same manifest with one misspelt field, checked in the same run,
     must fail, and be the only file named."""
@@ -191,14 +234,41 @@ def test_crd_conversion_keeps_kubernetes_semantics():
         from crd_to_jsonschema import crd_to_jsonschema
     finally:
         sys.path.remove(str(SCHEMAS))
-    crd = {"kind": "CustomResourceDefinition", "spec": {"group": "x.io", "names": {"kind": "Thing"}, "versions": [
-        {"name": "v1", "schema": {"openAPIV3Schema": {"type": "object", "description": "d", "properties": {
-            "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
-            "spec": {"type": "object", "properties": {
-                "size": {"x-kubernetes-int-or-string": True},
-                "when": {"type": "string", "nullable": True},
-                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                         "properties": {"a": {"type": "integer"}}}}}}}}}]}}
+    crd = {
+        "kind": "CustomResourceDefinition",
+        "spec": {
+            "group": "x.io",
+            "names": {"kind": "Thing"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "d",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": {
+                                    "type": "object",
+                                    "properties": {
+                                        "size": {"x-kubernetes-int-or-string": True},
+                                        "when": {"type": "string", "nullable": True},
+                                        "free": {
+                                            "type": "object",
+                                            "x-kubernetes-preserve-unknown-fields": True,
+                                            "properties": {"a": {"type": "integer"}},
+                                        },
+                                    },
+                                },
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
     schema = crd_to_jsonschema(crd, "v1")
     ok = {"apiVersion": "x.io/v1", "kind": "Thing", "spec": {"size": "10Gi", "when": None, "free": {"b": 1}}}
     jsonschema.validate(ok, schema)
@@ -238,22 +308,34 @@ def test_gpu_requests_fit_the_cluster_params(rayjob, cluster_params):
 def test_cluster_params_are_params_yaml_with_the_cluster_keys(cluster_params, rayjob):
     """Every other key as in params.yaml (so the cluster trains the tested default); shared paths on the
     volume every pod mounts; a tracking server, not a file that dies with the pod."""
+
     def flat(d, prefix=""):
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+        return {
+            k2: v2
+            for k, v in d.items()
+            for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items()
+        }
 
     base = flat(load_params(ROOT / "params.yaml").model_dump(by_alias=True))
     ours = flat(cluster_params.model_dump(by_alias=True))
     assert base.keys() == ours.keys()
     assert {k for k in base if base[k] != ours[k]} <= CLUSTER_KEYS
-    for key in ("data.out_dir", "base_model.out_dir", "cache.root", "train.storage_path", "train.out_dir",
-                "evaluate.out_dir"):
+    for key in (
+        "data.out_dir",
+        "base_model.out_dir",
+        "cache.root",
+        "train.storage_path",
+        "train.out_dir",
+        "metrics_dir",
+    ):
         assert ours[key].startswith(SHARED_MOUNT + "/"), key
     spec = rayjob["spec"]["rayClusterSpec"]
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         (c,) = group["template"]["spec"]["containers"]
         assert {"name": "shared", "mountPath": SHARED_MOUNT} in c["volumeMounts"]
-        assert {"name": "shared", "persistentVolumeClaim": {"claimName": "mpe-shared"}} in group["template"]["spec"]["volumes"]
+        assert {"name": "shared", "persistentVolumeClaim": {"claimName": "mpe-shared"}} in group["template"]["spec"][
+            "volumes"
+        ]
     assert re.match(r"https?://", cluster_params.mlflow.tracking_uri)
     assert cluster_params.ray.address == "auto"
 

@@ -9,7 +9,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mpe.losses import Dist, clip_loss, diversity_loss, negation_loss, siglip_loss
+from mpe.model.losses import Dist, clip_loss, diversity_loss, negation_loss, siglip_loss
 from tests.open_clip_reference import load_open_clip_loss
 
 OC = load_open_clip_loss()
@@ -71,10 +71,18 @@ def _rank_main(rank, world, init_file, out_dir):
         scale, bias = torch.tensor(1 / 0.07), torch.tensor(-10.0)
         res = {}
         for name, mine, ref in [
-            ("clip", lambda i, t: clip_loss(i, t, scale, Dist(rank, world)),
-             lambda i, t: OC.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(i, t, scale)),
-            ("siglip", lambda i, t: siglip_loss(i, t, 10.0 * scale / scale, bias, Dist(rank, world)),
-             lambda i, t: OC.SigLipLoss(rank=rank, world_size=world)(i, t, 10.0 * scale / scale, bias)),
+            (
+                "clip",
+                lambda i, t: clip_loss(i, t, scale, Dist(rank, world)),
+                lambda i, t: OC.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
+                    i, t, scale
+                ),
+            ),
+            (
+                "siglip",
+                lambda i, t: siglip_loss(i, t, 10.0 * scale / scale, bias, Dist(rank, world)),
+                lambda i, t: OC.SigLipLoss(rank=rank, world_size=world)(i, t, 10.0 * scale / scale, bias),
+            ),
         ]:
             for tag, fn in (("mine", mine), ("ref", ref)):
                 img = all_img[sl].clone().requires_grad_(True)

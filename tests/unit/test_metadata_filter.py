@@ -14,23 +14,33 @@ from mpe.errors import DataError
 
 def _laion(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({"URL": [f"http://127.0.0.1/{seed}/{i}.jpg" for i in range(n)],
-                         "TEXT": [f"caption {i}" for i in range(n)],
-                         "WIDTH": rng.integers(50, 1200, n), "HEIGHT": rng.integers(50, 1200, n),
-                         "similarity": rng.uniform(0.15, 0.45, n), "punsafe": rng.uniform(0, 1, n),
-                         "pwatermark": rng.uniform(0, 1, n)})
+    return pd.DataFrame(
+        {
+            "URL": [f"http://127.0.0.1/{seed}/{i}.jpg" for i in range(n)],
+            "TEXT": [f"caption {i}" for i in range(n)],
+            "WIDTH": rng.integers(50, 1200, n),
+            "HEIGHT": rng.integers(50, 1200, n),
+            "similarity": rng.uniform(0.15, 0.45, n),
+            "punsafe": rng.uniform(0, 1, n),
+            "pwatermark": rng.uniform(0, 1, n),
+        }
+    )
 
 
 def test_each_filter_drops_what_a_row_by_row_check_drops(tmp_path):
     df = _laion(400)
     df.loc[3, "similarity"] = None  # a missing value fails its filter
-    cfg = MetadataFilterConfig(min_similarity=0.28, max_punsafe=0.5, max_pwatermark=0.8, min_image_size=200,
-                               max_aspect_ratio=2.0)
+    cfg = MetadataFilterConfig(
+        min_similarity=0.28, max_punsafe=0.5, max_pwatermark=0.8, min_image_size=200, max_aspect_ratio=2.0
+    )
     kept, dropped = filter_rows(df, cfg, tmp_path / "p.parquet")
-    checks = [("min_similarity", lambda r: r.similarity >= 0.28), ("max_punsafe", lambda r: r.punsafe <= 0.5),
-              ("max_pwatermark", lambda r: r.pwatermark <= 0.8),
-              ("min_image_size", lambda r: min(r.WIDTH, r.HEIGHT) >= 200),
-              ("max_aspect_ratio", lambda r: max(r.WIDTH, r.HEIGHT) / min(r.WIDTH, r.HEIGHT) <= 2.0)]
+    checks = [
+        ("min_similarity", lambda r: r.similarity >= 0.28),
+        ("max_punsafe", lambda r: r.punsafe <= 0.5),
+        ("max_pwatermark", lambda r: r.pwatermark <= 0.8),
+        ("min_image_size", lambda r: min(r.WIDTH, r.HEIGHT) >= 200),
+        ("max_aspect_ratio", lambda r: max(r.WIDTH, r.HEIGHT) / min(r.WIDTH, r.HEIGHT) <= 2.0),
+    ]
     want, ref = {k: 0 for k, _ in checks}, []
     for r in df.itertuples():
         failed = next((k for k, ok in checks if not ok(r)), None)  # counted by the first filter it fails
@@ -51,10 +61,18 @@ def test_parts_of_a_folder_or_glob_and_errors_naming_part_and_column(tmp_path):
     assert [p.name for p in list_parts(f"{lists}/part-*.parquet")] == ["part-00000.parquet", "part-00001.parquet"]
     with pytest.raises(DataError, match="glob matches no URL list part"):
         list_parts(f"{lists}/nothing-*.parquet")
-    cfg = DataConfig(source="url_list", url_list=str(lists), out_dir=str(tmp_path / "data"), test_fraction=0.2,
-                     filters={"max_punsafe": 0.5})
-    with pytest.raises(DataError, match=r"part-00001.parquet: data.filters.max_punsafe is set but the list has "
-                                        r"no column 'punsafe'"):
+    cfg = DataConfig(
+        source="url_list",
+        url_list=str(lists),
+        out_dir=str(tmp_path / "data"),
+        test_fraction=0.2,
+        filters={"max_punsafe": 0.5},
+    )
+    with pytest.raises(
+        DataError,
+        match=r"part-00001.parquet: data.filters.max_punsafe is set but the list has "
+        r"no column 'punsafe'",
+    ):
         split_url_list(cfg, tmp_path / "data")
     (lists / "part-00001.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="part-00001.parquet: not a readable parquet file"):

@@ -7,21 +7,27 @@ import torch
 from PIL import Image
 
 from mpe.config import ModelConfig
-from mpe.model import MultiPromptCLIP
-from mpe.text.apt_tokens import add_apt_tokens
-from mpe.text.tower import LLMTextTower
-from mpe.vision.tower import VisionTower
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
+from mpe.model.text.apt_tokens import add_apt_tokens
+from mpe.model.text.tower import LLMTextTower
+from mpe.model.vision.tower import VisionTower
 from tests.conftest import tiny_lm
 
-TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-               "intermediate_size": 64}
+TINY_VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+}
 
 
 def tiny_model(tokenizer, arch="llama", **text):
     cfg = ModelConfig(embed_dim=48, text={"num_prompts": 3, **text}, vision=TINY_VISION)
     tok = copy.deepcopy(tokenizer)
     if cfg.text.pooling == "vanilla_clip":
-        from mpe.text.vanilla_clip import VanillaCLIPTextTower
+        from mpe.model.text.vanilla_clip import VanillaCLIPTextTower
 
         text_tower = VanillaCLIPTextTower(tok, cfg.text.vanilla, cfg.embed_dim)
     else:
@@ -51,20 +57,30 @@ def test_encode_shapes_and_norms(tokenizer):
 
 def test_similarity_weights_are_a_segment_wise_sum(tokenizer):
     m = tiny_model(tokenizer)
-    t, v = torch.nn.functional.normalize(torch.randn(2, 48), dim=-1), torch.nn.functional.normalize(torch.randn(3, 48), dim=-1)
+    t, v = (
+        torch.nn.functional.normalize(torch.randn(2, 48), dim=-1),
+        torch.nn.functional.normalize(torch.randn(3, 48), dim=-1),
+    )
     assert torch.allclose(m.similarity(t, v), t @ v.T, atol=1e-6)
     w = [1.25, 0.9, 0.85]
     brute = torch.zeros(2, 3)
     for a in range(2):
         for b in range(3):
-            brute[a, b] = sum(w[k] * (t[a, 16 * k:16 * (k + 1)] @ v[b, 16 * k:16 * (k + 1)]) for k in range(3))
+            brute[a, b] = sum(w[k] * (t[a, 16 * k : 16 * (k + 1)] @ v[b, 16 * k : 16 * (k + 1)]) for k in range(3))
     assert torch.allclose(m.similarity(t, v, w), brute, atol=1e-6)
     with pytest.raises(ValueError, match="one entry per prompt"):
         m.similarity(t, v, [1.0, 2.0])
 
 
-@pytest.mark.parametrize("text", [{}, {"tuning": "lora"}, {"pooling": "defo", "num_prompts": 4, "negation": False},
-                                  {"pooling": "vanilla_clip", "num_prompts": 1, "negation": False}])
+@pytest.mark.parametrize(
+    "text",
+    [
+        {},
+        {"tuning": "lora"},
+        {"pooling": "defo", "num_prompts": 4, "negation": False},
+        {"pooling": "vanilla_clip", "num_prompts": 1, "negation": False},
+    ],
+)
 def test_save_and_load_round_trip(tokenizer, tmp_path, text):
     m = tiny_model(tokenizer, **text)
     if text.get("tuning") == "lora":  # make the adapters non-zero so merging matters

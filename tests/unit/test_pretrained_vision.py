@@ -15,15 +15,16 @@ from PIL import Image, ImageDraw
 
 from mpe.config import ModelConfig, load_params
 from mpe.errors import ConfigError
-from mpe.evaluation import prompt_patch_maps
-from mpe.model import MultiPromptCLIP
-from mpe.optim import build_optimizer, build_scheduler
-from mpe.text.vanilla_clip import VanillaCLIPTextTower
-from mpe.train_step import Batch, train_step
-from mpe.vision.tower import VisionTower
+from mpe.evaluation.tasks import prompt_patch_maps
+from mpe.model.multi_prompt_clip import MultiPromptCLIP
+from mpe.model.text.vanilla_clip import VanillaCLIPTextTower
+from mpe.model.vision.tower import VisionTower
+from mpe.training.optim import build_optimizer, build_scheduler
+from mpe.training.step import Batch, train_step
 
-VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-           patch_size=8)
+VIT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+)
 
 
 def _scale_up(model):
@@ -38,36 +39,62 @@ def _scale_up(model):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """``{"siglip": vision-only SigLIP folder, "clip": full CLIPModel folder}`` with processor configs."""
-    from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, SiglipImageProcessorPil,
-                              SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     root = tmp_path_factory.mktemp("vision-ckpts")
     sig = SiglipVisionModel(SiglipVisionConfig(**VIT))
     _scale_up(sig)
     sig.save_pretrained(root / "siglip")
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     clip = CLIPModel(CLIPConfig(vision_config=VIT, text_config=text, projection_dim=16))
     _scale_up(clip)
     clip.save_pretrained(root / "clip")
     # CLIP's own resize: short side to 36, centre crop 32, OpenAI mean/std (the class defaults)
-    CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip"
+    )
     return {"siglip": root / "siglip", "clip": root / "clip"}
 
 
 def _cfg(folder, freeze=False) -> ModelConfig:
     """The vision tower under test beside a one-layer vanilla CLIP text tower (the text side is not the point)."""
-    return ModelConfig(embed_dim=48, text={"pooling": "vanilla_clip", "num_prompts": 1, "negation": False,
-                                           "vanilla": {"width": 16, "layers": 1, "heads": 2, "context_length": 16}},
-                       vision={"pretrained": str(folder), "freeze": freeze})
+    return ModelConfig(
+        embed_dim=48,
+        text={
+            "pooling": "vanilla_clip",
+            "num_prompts": 1,
+            "negation": False,
+            "vanilla": {"width": 16, "layers": 1, "heads": 2, "context_length": 16},
+        },
+        vision={"pretrained": str(folder), "freeze": freeze},
+    )
 
 
 def _model(tokenizer, folder, freeze=False):
     cfg = _cfg(folder, freeze)
     torch.manual_seed(0)
-    return MultiPromptCLIP(cfg, VanillaCLIPTextTower(copy.deepcopy(tokenizer), cfg.text.vanilla, cfg.embed_dim),
-                           VisionTower(cfg.vision, cfg.embed_dim))
+    return MultiPromptCLIP(
+        cfg,
+        VanillaCLIPTextTower(copy.deepcopy(tokenizer), cfg.text.vanilla, cfg.embed_dim),
+        VisionTower(cfg.vision, cfg.embed_dim),
+    )
 
 
 def _images():
@@ -137,7 +164,7 @@ def test_frozen_tower_stays_bit_identical_and_trained_one_moves(tokenizer, check
 def test_saved_model_loads_without_the_checkpoint_folder(tiny_base_dir, checkpoints, tmp_path):
     from mlflow.pyfunc import PythonModelContext
 
-    from mpe.mlflow_pyfunc import MultiPromptEmbedder
+    from mpe.serving.pyfunc import MultiPromptEmbedder
 
     ckpt = shutil.copytree(checkpoints["clip"], tmp_path / "clip-copy")
     model = MultiPromptCLIP.from_base(tiny_base_dir, _cfg(ckpt), seed=0).train()  # as the train stage builds it

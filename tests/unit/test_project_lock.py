@@ -11,10 +11,12 @@ import time
 import pytest
 
 from mpe.errors import ProjectBusy
-from mpe.project_lock import LOCK_FILE, project_identity, project_lock
+from mpe.runtime.project_lock import LOCK_FILE, project_identity, project_lock
 
-HOLD = ("import sys, time\nfrom mpe.project_lock import project_lock\n"
-        "with project_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n")
+HOLD = (
+    "import sys, time\nfrom mpe.runtime.project_lock import project_lock\n"
+    "with project_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
+)
 
 
 def _holder(project, seconds: float) -> subprocess.Popen:
@@ -69,8 +71,8 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
 def test_runs_a_killed_process_left_running_are_marked_failed(tmp_path):
     import mlflow
 
-    from mpe.tracking import fail_abandoned_runs
-    from mpe.tracking_settings import TrackingSettings
+    from mpe.tracking.runs import fail_abandoned_runs
+    from mpe.tracking.settings import TrackingSettings
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     settings = TrackingSettings(tracking_uri=uri, experiment="e", artifact_location=str(tmp_path / "art"))

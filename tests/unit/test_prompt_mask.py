@@ -2,8 +2,8 @@
 
 import torch
 
-from mpe.text.prompt_mask import allowed_pairs, prompt_attention_mask
-from mpe.text.prompt_sequence import PromptLayout, arrange, build_batch
+from mpe.model.text.prompt_mask import allowed_pairs, prompt_attention_mask
+from mpe.model.text.prompt_sequence import PromptLayout, arrange, build_batch
 
 LAYOUT = PromptLayout(segments=((7, 8), (9, 10, 11)), readouts=((1,), (2,)), num_positive=2)
 

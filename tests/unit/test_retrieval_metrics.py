@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-
-from mpe.retrieval_metrics import hits_at_k, recall_at_k, retrieval_metrics
-
-
 from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k as REF  # noqa: E402
+
+from mpe.evaluation.metrics import hits_at_k, recall_at_k, retrieval_metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

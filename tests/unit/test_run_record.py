@@ -8,19 +8,31 @@ from pathlib import Path
 
 import yaml
 
-from mpe.run_record import RUNS_BRANCH, read_recorded, record_run, recorded_files
+from mpe.provenance.run_record import RUNS_BRANCH, read_recorded, record_run, recorded_files
 
 
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _project(root: Path) -> Path:
     root.mkdir()
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
-        "cmd": "x", "outs": ["models/trained"], "metrics": [{"metrics/eval.json": {"cache": False}}],
-        "plots": [{"metrics/curve.json": {"cache": False}}, "plots/cached"]}}}))
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "evaluate": {
+                        "cmd": "x",
+                        "outs": ["models/trained"],
+                        "metrics": [{"metrics/eval.json": {"cache": False}}],
+                        "plots": [{"metrics/curve.json": {"cache": False}}, "plots/cached"],
+                    }
+                }
+            }
+        )
+    )
     (root / "params.yaml").write_text("seed: 0\n")
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     (root / "metrics").mkdir()
@@ -29,8 +41,13 @@ def _project(root: Path) -> Path:
 
 
 def test_recorded_files_are_the_pipeline_files_and_the_uncached_outputs(tmp_path):
-    assert recorded_files(_project(tmp_path / "p")) == ["dvc.yaml", "dvc.lock", "params.yaml",
-                                                        "metrics/eval.json", "metrics/curve.json"]
+    assert recorded_files(_project(tmp_path / "p")) == [
+        "dvc.yaml",
+        "dvc.lock",
+        "params.yaml",
+        "metrics/eval.json",
+        "metrics/curve.json",
+    ]
 
 
 def test_a_run_is_committed_on_its_branch_and_nothing_else_moves(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mpe.optim import build_optimizer, build_scheduler, param_groups
-from mpe.train_step import Batch, train_step
+from mpe.training.optim import build_optimizer, build_scheduler, param_groups
+from mpe.training.step import Batch, train_step
 from tests.unit.test_model import tiny_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -42,8 +42,10 @@ def test_loss_falls(tokenizer, cached):
         lens = tokens.caption_lens.tolist()
         # the cache would store each caption unpadded: re-pad from those rows
         states = torch.nn.utils.rnn.pad_sequence(
-            [states[i, -(lens[i] + model.text.layout.segments_len):] for i in range(len(caps))],
-            batch_first=True, padding_side="left")
+            [states[i, -(lens[i] + model.text.layout.segments_len) :] for i in range(len(caps))],
+            batch_first=True,
+            padding_side="left",
+        )
         batch = Batch(pixels, states=states, caption_lens=lens)
     losses = [train_step(model, batch, opt, sched, trainable, grad_clip=1.0)["loss"] for _ in range(40)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from mpe.config import TextConfig
-from mpe.text.apt_tokens import add_apt_tokens
-from mpe.text.prompt_mask import causal_attention_mask
-from mpe.text.prompt_sequence import tokenize_captions
-from mpe.text.tower import LLMTextTower
+from mpe.model.text.apt_tokens import add_apt_tokens
+from mpe.model.text.prompt_mask import causal_attention_mask
+from mpe.model.text.prompt_sequence import tokenize_captions
+from mpe.model.text.tower import LLMTextTower
 from tests.conftest import ARCHS, tiny_lm
 
 CAPTIONS = [
@@ -96,8 +96,9 @@ def test_plain_causal_mask_fails_the_equivalence(tokenizer, arch):
     batch = tower.tokenize(CAPTIONS)
     mask = causal_attention_mask(batch.segment_ids, torch.float32)
     with torch.no_grad():
-        final = tower.decoder.full_forward(batch.input_ids, {"full_attention": mask, "sliding_attention": mask},
-                                           batch.position_ids)
+        final = tower.decoder.full_forward(
+            batch.input_ids, {"full_attention": mask, "sliding_attention": mask}, batch.position_ids
+        )
     got = final[:, batch.readout_cols]
     ref = separate_readouts(tower, CAPTIONS)
     if arch == "llama":  # no sliding window: prompt 1 sees only the caption either way
@@ -122,7 +123,7 @@ def test_baseline_poolings_equal_separate_passes(tokenizer, pooling, k, arch):
 def test_embedding_of_a_caption_does_not_depend_on_its_batch(tokenizer):
     tower = make_tower("llama", tokenizer)
     with torch.no_grad():
-        alone = torch.cat([tower(CAPTIONS[i:i + 1]).embedding for i in range(len(CAPTIONS))])
+        alone = torch.cat([tower(CAPTIONS[i : i + 1]).embedding for i in range(len(CAPTIONS))])
         together = tower(CAPTIONS).embedding
         reversed_ = tower(CAPTIONS[::-1]).embedding.flip(0)
     assert (alone - together).abs().max().item() <= 1e-5

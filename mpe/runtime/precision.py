@@ -1,0 +1,51 @@
+"""Torch dtypes by the names params.yaml uses, and the compute precision chosen by measuring: bf16
+autocast on CUDA; on a CPU only where a short probe (a few trunk-shaped matmuls, well under a second)
+shows bf16 faster than fp32 — CPUs with bf16 units (AVX-512 BF16, AMX) run it several times faster,
+others several times slower."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})") from None
+
+
+@functools.cache
+def cpu_bf16_speedup(m: int = 1024, k: int = 576, n: int = 1536, reps: int = 5) -> float:
+    """How many times faster a bf16 matmul runs than fp32 on this CPU (best of ``reps``)."""
+
+    def best(dtype):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def autocast_dtype(mode: str, device: str, min_speedup: float = 1.3) -> torch.dtype | None:
+    """``auto``: bf16 on CUDA, and on a CPU whose probe shows bf16 at least ``min_speedup``× faster;
+    ``bfloat16``: always; ``none``: fp32. None means no autocast (fp32 compute)."""
+    if mode == "none":
+        return None
+    if mode == "bfloat16" or device == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_bf16_speedup() >= min_speedup else None
+
+
+def dtype_name(autocast: torch.dtype | None) -> str:
+    return "bfloat16" if autocast == torch.bfloat16 else "float32"

@@ -1,0 +1,98 @@
+"""The trained model as an MLflow model: logged as a *models-from-code* pyfunc (``pyfunc.py`` and the model
+folder are stored as artifacts, so loading it never unpickles anything), and its model folder found again
+in a downloaded copy."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+from mpe.errors import ConfigError
+from mpe.tracking.runs import use
+from mpe.tracking.settings import TrackingSettings
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
+PACKAGE_DIR = Path(__file__).parents[1]  # the mpe package, logged with the model as its code
+PYFUNC_REQUIREMENTS = [
+    "torch",
+    "transformers>=5,<6",
+    "safetensors",
+    "pillow",
+    "pandas",
+    "numpy",
+    "pydantic>=2",
+    "pyyaml",
+    "tqdm",
+    "peft",
+]
+
+
+def _example_image_b64() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def log_pyfunc(model_dir: Path, embed_dim: int, name: str = "model") -> str:
+    """Log ``model_dir`` as a models-from-code pyfunc in the active run; returns the model URI.
+
+    MLflow stores ``mlflow_pyfunc.py`` and the model folder as artifacts: loading never unpickles.
+    """
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, embed_dim))]),
+    )
+    example = pd.DataFrame(
+        {"text": ["a large red circle on a striped background", None], "image": [None, _example_image_b64()]}
+    )
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PYFUNC_FILE),
+        artifacts={"mpe_model": str(model_dir)},
+        code_paths=[str(PACKAGE_DIR)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=PYFUNC_REQUIREMENTS,
+    )
+    return info.model_uri
+
+
+def log_trained_model(settings: TrackingSettings, run_id: str, model_dir: Path, embed_dim: int) -> str:
+    """Log the trained folder as the pyfunc into the training run; returns the model URI."""
+    import mlflow
+
+    use(settings)
+    with mlflow.start_run(run_id=run_id):
+        return log_pyfunc(model_dir, embed_dim)
+
+
+def pyfunc_model_folder(mlflow_model_dir: Path) -> Path:
+    """The ``mpe_model`` folder inside a local copy of a logged pyfunc. MLflow stores an artifact under
+    its source folder's name (``artifacts/trained``, say), not under its key: the MLmodel file maps them."""
+    import yaml
+
+    mlmodel = Path(mlflow_model_dir) / "MLmodel"
+    try:
+        meta = yaml.safe_load(mlmodel.read_text())
+        return Path(mlflow_model_dir) / meta["flavors"]["python_function"]["artifacts"]["mpe_model"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{mlmodel}: not an mpe pyfunc (no python_function artifact 'mpe_model': {type(err).__name__}: {err})"
+        ) from None
+
+
+def download_model_folder(model_uri: str) -> Path:
+    """The ``mpe_model`` folder of a logged or registered pyfunc, downloaded locally (a local store's
+    files are used in place)."""
+    import mlflow
+
+    return pyfunc_model_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri)))

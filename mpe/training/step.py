@@ -1,0 +1,87 @@
+"""One optimisation step of the training objective, the same on one process and on many."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from mpe.model.losses import Dist
+from mpe.model.objective import model_loss, text_from_cache
+from mpe.model.text.tower import TextEmbedding
+
+
+@dataclass
+class Batch:
+    """Images and their captions, or the captions' cached trunk states (left-padded ``(B, T, H)``)."""
+
+    pixels: torch.Tensor
+    captions: list[str] | None = None
+    states: torch.Tensor | None = None
+    caption_lens: list[int] | None = None
+
+    def text(self, model) -> TextEmbedding:
+        if self.states is not None:
+            return text_from_cache(model, self.states.to(model.device), self.caption_lens)
+        return model.text_features(self.captions)
+
+
+def allreduce_mean_(params) -> None:
+    """Average the gradients of ``params`` over all workers (in one flat buffer)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_step(
+    model,
+    batch: Batch,
+    optimizer,
+    scheduler,
+    trainable: list,
+    grad_clip: float,
+    dist: Dist = Dist(),
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Forward, backward, gradient all-reduce and clip, optimiser and scheduler step, logit-scale clamp.
+
+    The local loss is computed against the global batch (features gathered with gradient); gradients
+    are averaged across workers explicitly, as the model's methods run outside a DDP forward.
+    Returns the loss terms, learning rate and logit scale of this step.
+    """
+    device_type = batch.pixels.device.type
+    with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+        with record_function("mpe.text_top"):
+            text = batch.text(model)
+        with record_function("mpe.vision_and_loss"):
+            terms = model_loss(model, batch.pixels, text, dist)
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("mpe.backward"):
+        terms.total.backward()
+    with record_function("mpe.allreduce_and_clip"):
+        allreduce_mean_(trainable)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    with record_function("mpe.optimizer"):
+        optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(model.cfg.loss.max_logit_scale))
+    return {
+        "loss": terms.total.item(),
+        "contrastive": terms.contrastive.item(),
+        "diversity": terms.diversity.item(),
+        "negation": terms.negation.item(),
+        "lr": scheduler.get_last_lr()[0],
+        "logit_scale": model.logit_scale.exp().item(),
+    }
