@@ -12,6 +12,7 @@ resumes.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from mpe.runtime.telemetry import disable_telemetry
@@ -27,7 +28,7 @@ from mpe.records import EVAL, read_metrics  # noqa: E402
 from mpe.runtime.project_lock import project_lock  # noqa: E402
 from mpe.stages import base_model, cache, data, evaluate, reweight, train  # noqa: E402
 from mpe.tracking.runs import parent_run  # noqa: E402
-from mpe.tracking.settings import tracking_settings  # noqa: E402
+from mpe.tracking.settings import resolve_tracking_uri, tracking_settings  # noqa: E402
 
 
 def _done(spec: RunSpec) -> bool:
@@ -72,13 +73,17 @@ def experiment_suite(name: str, form: str = "quick", project_dir: str = ".", onl
     os.chdir(project)
     with project_lock(project, wait=None, say=get_run_logger().info):  # one suite or run per project at a time
         suite = load_suite(suite_path(name, project))
-        base = load_params(project / suite.base)
+        base = resolve_tracking_uri(load_params(project / suite.base))
         parent = parent_run(
             tracking_settings(base.mlflow),
             f"{name} ({form})",
             {"mpe.suite": name, "mpe.form": form, "mpe.suite_parent": "true"},
         )
-        specs = [s for s in expand(suite, form, project, parent) if not only or s.cell in only]
+        specs = [
+            replace(s, params=resolve_tracking_uri(s.params))
+            for s in expand(suite, form, project, parent)
+            if not only or s.cell in only
+        ]
         for out, spec in {s.params.data.out_dir: s for s in specs}.items():
             prepare_data(spec, out)
         for out, spec in {s.params.base_model.out_dir: s for s in specs}.items():

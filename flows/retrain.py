@@ -25,7 +25,7 @@ from mpe.provenance.run_record import record_run  # noqa: E402
 from mpe.runtime.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
 from mpe.tracking.runs import fail_abandoned_runs  # noqa: E402
-from mpe.tracking.settings import tracking_settings  # noqa: E402
+from mpe.tracking.settings import resolve_tracking_uri, tracking_settings  # noqa: E402
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
 # from its last checkpoint). Deterministic stages fail the same way twice; a Ctrl-C is never retried.
@@ -69,7 +69,7 @@ def record(project_dir: str) -> dict | None:
 
 @task(name="register")
 def register(params_path: str, project_dir: str, rec: dict | None) -> dict:
-    params = load_params(Path(project_dir) / params_path)
+    params = resolve_tracking_uri(load_params(Path(project_dir) / params_path))
     result = register_stage.run(
         params, Path(project_dir), flow_run_id=str(flow_run.id) if flow_run.id else None, record=rec
     )
@@ -91,7 +91,7 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
     logger = get_run_logger()
     with project_lock(project_dir, wait=None, say=logger.info):
-        params = load_params(Path(project_dir) / params_path)
+        params = resolve_tracking_uri(load_params(Path(project_dir) / params_path))
         for run_id in fail_abandoned_runs(
             tracking_settings(params.mlflow), {PROJECT_TAG: project_identity(project_dir)}
         ):

@@ -232,8 +232,7 @@ def cmd_experiments_report(args) -> None:
 
 def _project_params(args) -> Path:
     """``mpe run``/``schedule`` run the DVC stages, which read the project's ``params.yaml``: any other file
-    would mix two configurations, so it is refused; ``--set`` changes are written into it first (as ``dvc exp
-    run -S`` does), so the stages, DVC and the run's record all see them."""
+    would mix two configurations, so it is refused. Validated (``--set`` included) before anything runs."""
     path = Path(args.params or DEFAULT_PARAMS)
     project = Path.cwd() / DEFAULT_PARAMS
     if path.resolve() != project.resolve():
@@ -241,22 +240,28 @@ def _project_params(args) -> Path:
             f"{path}: `mpe {args.command}` runs the DVC pipeline, which reads {project}; copy your "
             f"file there (cp {path} {DEFAULT_PARAMS}) or run the stages one by one with --params"
         )
-    _params(args)  # validated, overrides included, before anything runs or is written
+    _params(args)
+    return path
+
+
+def _write_overrides(args, path: Path) -> None:
+    """``--set`` changes written into the project's params.yaml (as ``dvc exp run -S`` does), so the stages,
+    DVC and the run's record all see them."""
     if args.set:
         from mpe.config import write_overrides
 
         for line in write_overrides(path, args.set):
             print(line, file=sys.stderr)
-    return path
 
 
 def cmd_run(args) -> None:
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 
+    path = _project_params(args)
     # taken before Prefect starts, so a second run is refused (or waits) at once
     with project_lock(".", wait=args.wait, say=lambda m: print(m, file=sys.stderr)):
-        path = _project_params(args)
+        _write_overrides(args, path)
         with prefect_server():
             retrain = load_flow(".", "retrain.py:retrain")
             retrain(params_path=str(path), project_dir=".")
@@ -290,6 +295,7 @@ def cmd_work_pool(args) -> None:
 
 def cmd_schedule(args) -> None:
     path = _project_params(args)
+    _write_overrides(args, path)
     schedule = _params(args).schedule
     from mpe.runtime.prefect_server import load_flow, serve_on_schedule
 
