@@ -25,6 +25,7 @@ from mpe.model.configuration import (  # noqa: F401
     StrictConfig,
     TextConfig,
     VanillaTextConfig,
+    VideoConfig,
     VisionConfig,
     validate,
 )
@@ -55,6 +56,34 @@ class ShapesConfig(StrictConfig):
     )
 
 
+class VideoShapesConfig(StrictConfig):
+    """Sizes of the synthetic moving-shapes video world (``mpe.data.video_shapes``); clips are
+    ``data.image_size`` pixels a side."""
+
+    train_captions: int = Field(
+        240, ge=1, description="unique training captions, each rendered clips_per_caption times"
+    )
+    clips_per_caption: int = Field(2, ge=1)
+    test_pairs: int = Field(16, ge=1, description="test clips come in pairs: a clip and its frames in reverse order")
+    frames: int = Field(15, ge=2, description="frames rendered per clip")
+    fps: int = Field(8, ge=1)
+
+
+class VideoDataConfig(StrictConfig):
+    """Video sources (``data.source`` video_shapes, video_folder, video_webdataset) and the zero-shot video set."""
+
+    zero_shot_test: bool = Field(
+        True, description="image sources: also write the moving-shapes test pairs (shards/video_test)"
+    )
+    folder: str | None = Field(None, description="video_folder: the folder holding the videos")
+    captions: str | None = Field(
+        None, description="video_folder: a CSV with columns video (a file under folder), caption"
+    )
+    webdataset: str | None = Field(None, description="video_webdataset: a folder of video2dataset webdataset shards")
+    shapes: VideoShapesConfig = VideoShapesConfig()
+
+
+VIDEO_SOURCES = ("video_shapes", "video_folder", "video_webdataset")
 IMG2DATASET_DISALLOWED = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's own default
 
 
@@ -72,7 +101,7 @@ class MetadataFilterConfig(StrictConfig):
 class DataConfig(StrictConfig):
     """Where images and captions come from and how img2dataset downloads them."""
 
-    source: Literal["shapes", "url_list"] = "shapes"
+    source: Literal["shapes", "url_list", "video_shapes", "video_folder", "video_webdataset"] = "shapes"
     url_list: str | None = Field(
         None,
         description="parquet or csv with a URL and a caption column, or a folder "
@@ -109,12 +138,21 @@ class DataConfig(StrictConfig):
         "what the data stage recorded, instead of stopping",
     )
     shapes: ShapesConfig = ShapesConfig()
+    video: VideoDataConfig = VideoDataConfig()
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source == "url_list" and not self.url_list:
             raise ValueError("source 'url_list' needs url_list: a parquet or csv path")
+        if self.source == "video_folder" and not (self.video.folder and self.video.captions):
+            raise ValueError("source 'video_folder' needs video.folder (the videos) and video.captions (a CSV)")
+        if self.source == "video_webdataset" and not self.video.webdataset:
+            raise ValueError("source 'video_webdataset' needs video.webdataset: a folder of video2dataset shards")
         return self
+
+    @property
+    def is_video(self) -> bool:
+        return self.source in VIDEO_SOURCES
 
 
 class CacheConfig(StrictConfig):
@@ -244,8 +282,17 @@ class NegBenchMcq(_Benchmark):
     image_root: str | None = Field(None, description="relative image paths start here; default the CSV's folder")
 
 
+class MsrvttBenchmark(_Benchmark):
+    """MSR-VTT text↔video retrieval: a test CSV (the 1k-A split's ``MSRVTT_JSFUSION_test.csv``: ``key``,
+    ``vid_key``, ``video_id``, ``sentence``) and the folder of videos (``<video_id>.mp4``)."""
+
+    kind: Literal["msrvtt"]
+    video_root: str = Field(description="the folder holding <video_id>.mp4 (MSR-VTT's videos/all)")
+
+
 Benchmark = Annotated[
-    KarpathyBenchmark | ClipBenchmarkWds | ImageFolderBenchmark | NegBenchMcq, Field(discriminator="kind")
+    KarpathyBenchmark | ClipBenchmarkWds | ImageFolderBenchmark | NegBenchMcq | MsrvttBenchmark,
+    Field(discriminator="kind"),
 ]
 
 

@@ -6,7 +6,8 @@
 - ``zero_shot.json``: ``{task: {class name: [prompt texts]}}`` (the shapes world's main-object tasks);
 - ``aspects.json``: ``[{"id", "caption", "variants": {aspect: caption with that aspect changed}}]`` for
   some test images (per-prompt analysis; empty unless ``data.shapes.aspect_probes``);
-- ``shards/val/``: a validation split, when ``data.shapes.val_captions`` asks for one.
+- ``shards/val/``: a validation split, when ``data.shapes.val_captions`` asks for one;
+- ``shards/video_test/``: the moving-shapes test clips beside an image world (zero-shot video retrieval).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ def aspect_probes(data_root: str | Path) -> list[dict]:
 
 
 def evaluation_texts(data_root: str | Path) -> list[str]:
-    """Every text the evaluation embeds: test (and val) captions, negation queries, zero-shot prompts,
-    aspect variants."""
+    """Every text the evaluation embeds: test (and val, video test) captions, negation queries, zero-shot
+    prompts, aspect variants."""
     texts = split_captions(storage.join(data_root, "shards", "test"))
-    val = storage.join(data_root, "shards", "val")
-    if storage.list_files(val, ".tar"):
-        texts += split_captions(val)
+    for extra in ("val", "video_test"):
+        folder = storage.join(data_root, "shards", extra)
+        if storage.list_files(folder, ".tar"):
+            texts += split_captions(folder)
     texts += [q["query"] for q in negation_queries(data_root)]
     texts += [p for classes in zero_shot_tasks(data_root).values() for ps in classes.values() for p in ps]
     texts += [v for probe in aspect_probes(data_root) for v in probe["variants"].values()]

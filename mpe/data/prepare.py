@@ -25,6 +25,7 @@ from mpe.data.metadata_filter import filter_rows
 from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.stats import STATS_FILE, by_class, shard_manifest, shard_stats
 from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
+from mpe.data.video_sources import write_video_collection, write_video_world
 from mpe.errors import DataError
 from mpe.files.atomic import atomic_path, write_json, write_text
 from mpe.files.hashing import file_sha256, fingerprint
@@ -322,9 +323,13 @@ def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dic
                 what = download_part(part, by_split[split], folder, out / "downloads" / split / part, cfg)
                 parts.setdefault(part, {})[split] = what
     shutil.rmtree(out / "downloads", ignore_errors=True)
-    for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
-        write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
+    _no_evaluation_sets(out)  # a URL list brings no negation, zero-shot or aspect sets of its own
     return ["train", "test"], report, parts
+
+
+def _no_evaluation_sets(out: Path) -> None:
+    for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
+        write_json(out / name, empty)
 
 
 def _download_shapes(cfg: DataConfig, seed: int, out: Path, previous: dict, repaired: dict) -> list[str]:
@@ -360,8 +365,17 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
     stats = {"source": cfg.source, "url_list_report": {}, "parts": {}, "splits": {}, "repaired_shards": {}}
     if cfg.source == "shapes":
         splits = _download_shapes(cfg, seed, out, previous, stats["repaired_shards"])
+        if cfg.video.zero_shot_test:  # the moving-shapes test clips, for the image model's zero-shot video retrieval
+            splits += write_video_world(cfg, seed, out, {"video_test": "test"})
+    elif cfg.is_video:
+        if cfg.source == "video_shapes":
+            splits = write_video_world(cfg, seed, out, {"train": "train", "test": "test"})
+        else:
+            splits = write_video_collection(cfg, out)
+        _no_evaluation_sets(out)
     else:
         splits, stats["url_list_report"], stats["parts"] = _download_url_list(cfg, out)
+    stats["modality"] = "video" if cfg.is_video else "image"
     for stale in (out / "shards").glob("*"):
         if stale.is_dir() and stale.name not in splits:
             shutil.rmtree(stale)  # a split this configuration does not have

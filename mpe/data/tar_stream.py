@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from mpe.files import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 
 
 def split_name(member: str) -> tuple[str, str]:
@@ -45,6 +46,11 @@ def caption_of(files: dict[str, bytes]) -> str:
 
 def image_of(files: dict[str, bytes]) -> bytes | None:
     ext = next((e for e in IMAGE_EXTS if e in files), None)
+    return files[ext] if ext else None
+
+
+def video_of(files: dict[str, bytes]) -> bytes | None:
+    ext = next((e for e in VIDEO_EXTS if e in files), None)
     return files[ext] if ext else None
 
 

@@ -16,8 +16,11 @@ batch carries the state of its slot after producing it; the trainer keeps the st
 it consumed from each slot. Batches come from a rank's workers in turn (torch's ``DataLoader``), so
 after ``step`` batches the next comes from worker ``step mod W``: on resume, the workers are renumbered
 to start there, each continues from its state, and the buffer is refilled by re-reading the few shards
-its samples came from. Decoding (PIL) happens in the worker, which sends ``uint8`` pixels and the
-states in their storage dtype.
+its samples came from. Decoding (PIL; PyAV for video) happens in the worker, which sends ``uint8`` pixels
+and the states in their storage dtype. A video sample (``num_frames`` > 0) becomes ``num_frames`` frames
+taken uniformly over its clip, ``(T, 3, S, S)``; an empty or undecodable video is skipped, counted by
+reason and named on the worker's log, and a clip with fewer frames is used with repeated frames and
+counted as ``short_video``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpe.cache.store import ShardReader, decode, left_pad, text_digest
-from mpe.data.tar_stream import caption_of, image_of, iter_samples
+from mpe.data.tar_stream import caption_of, image_of, iter_samples, video_of
+from mpe.data.video_codec import BadVideo, decode_clip
 from mpe.errors import DataError
 from mpe.model.vision.preprocess import ImageTransform
 
@@ -50,6 +54,7 @@ class StreamSpec:
     world: int = 1
     workers: int = 1  # loader processes per rank (0: read in the training process)
     image_transform: dict | None = None  # ImageTransform.to_json() of the tower; None: mpe's own at image_size
+    num_frames: int = 0  # 0: each sample is an image; N: a video, read as N frames
 
     def transform(self) -> ImageTransform:
         if self.image_transform is None:
@@ -62,7 +67,7 @@ class Raw:
     """A sample as read, not yet decoded."""
 
     key: str
-    image: bytes | None
+    image: bytes | None  # or the video's bytes, for a video stream
     caption: str
     states: torch.Tensor | None = None  # storage dtype
     scales: torch.Tensor | None = None
@@ -136,7 +141,7 @@ class SlotStream:
                     )
                 if not (wanted and mine):
                     continue
-                raw = Raw(key, image_of(files), caption)
+                raw = Raw(key, video_of(files) if spec.num_frames else image_of(files), caption)
                 if cache is not None:
                     u = int(cache.sample_text[e])
                     if bytes(cache.text_sha256[u].tolist()) != text_digest(caption):
@@ -195,21 +200,41 @@ class SlotStream:
             self.epoch, self.pos, self.offset, [list(p) for p, _ in self.buffer], _rng_to_json(self.rng)
         ).to_json()
 
+    def _clip(self, raw: Raw, transform: ImageTransform) -> torch.Tensor | None:
+        """A video sample's ``(T, 3, S, S)`` uint8 frames, or None (counted and named) when it cannot be used."""
+        try:
+            if not raw.image:
+                raise BadVideo("empty_video" if raw.image == b"" else "no_video", f"sample {raw.key}: no video")
+            clip = decode_clip(raw.image, self.spec.num_frames, f"sample {raw.key}")
+        except BadVideo as err:
+            self.skipped[err.reason] += 1
+            print(f"mpe: skipped {err} (slot {self.slot})", flush=True)
+            return None
+        if clip.short:
+            self.skipped["short_video"] += 1
+        return torch.stack([transform.to_uint8(frame) for frame in clip.frames])
+
     def next_batch(self) -> dict:
         """A collated batch and this slot's state after it."""
         transform = self.spec.transform()
         pixels, keys, captions, states, lens = [], [], [], [], []
         while len(keys) < self.spec.batch_size:
             raw = self._next_raw()
-            try:
-                if raw.image is None:
-                    raise ValueError("no image")
-                with Image.open(io.BytesIO(raw.image)) as im:
-                    im.load()
-                    pixels.append(transform.to_uint8(im))
-            except (UnidentifiedImageError, OSError, ValueError):
-                self.skipped["bad_image"] += 1
-                continue
+            if self.spec.num_frames:
+                frames = self._clip(raw, transform)
+                if frames is None:
+                    continue
+                pixels.append(frames)
+            else:
+                try:
+                    if raw.image is None:
+                        raise ValueError("no image")
+                    with Image.open(io.BytesIO(raw.image)) as im:
+                        im.load()
+                        pixels.append(transform.to_uint8(im))
+                except (UnidentifiedImageError, OSError, ValueError):
+                    self.skipped["bad_image"] += 1
+                    continue
             keys.append(raw.key)
             captions.append(raw.caption)
             if raw.states is not None:

@@ -201,12 +201,24 @@ class LossConfig(StrictConfig):
         return 1 / 0.07 if self.kind == "clip" else 10.0
 
 
+class VideoConfig(StrictConfig):
+    """How a clip becomes one embedding (CLIP4Clip): ``num_frames`` frames sampled uniformly over the clip, each
+    through the vision tower, then pooled over time: ``mean`` of the normalised frame embeddings (meanP, no
+    weights), or a small ``transformer`` over them with frame position embeddings and a residual (seqTransf)."""
+
+    num_frames: int = Field(8, ge=1, description="frames sampled uniformly per clip (12 is MSR-VTT's standard)")
+    pooling: Literal["mean", "transformer"] = "mean"
+    layers: int = Field(2, ge=1, description="transformer pooling: encoder layers")
+    heads: int = Field(4, ge=1, description="transformer pooling: attention heads (embed_dim must divide by it)")
+
+
 class ModelConfig(StrictConfig):
     """Everything that defines a MultiPromptCLIP architecture."""
 
     embed_dim: int = Field(256, gt=0)
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
+    video: VideoConfig = VideoConfig()
     loss: LossConfig = LossConfig()
 
     @model_validator(mode="after")
@@ -214,6 +226,8 @@ class ModelConfig(StrictConfig):
         k = self.text.num_prompts
         if self.embed_dim % k:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by text.num_prompts ({k})")
+        if self.video.pooling == "transformer" and self.embed_dim % self.video.heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by video.heads ({self.video.heads})")
         return self
 
 

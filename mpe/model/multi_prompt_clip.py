@@ -6,7 +6,8 @@ Saved folder (``save_pretrained``)::
     text_model/              plain transformers checkpoint + tokenizer with the APT tokens (LLM poolings)
     tokenizer/               tokenizer only (vanilla_clip)
     vision_model/            pretrained vision tower only: plain transformers checkpoint + preprocessor config
-    mpe_weights.safetensors  everything else: projections, the from-scratch vision tower, logit scale/bias
+    mpe_weights.safetensors  everything else: projections, the from-scratch vision tower, the temporal pooling's
+                             weights (video.pooling transformer), logit scale/bias
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mpe.model.text.apt_tokens import add_apt_tokens
 from mpe.model.text.lm_io import load_lm, save_plain_lm
 from mpe.model.text.tower import LLMTextTower, TextEmbedding
 from mpe.model.text.vanilla_clip import VanillaCLIPTextTower
+from mpe.model.vision.temporal import TemporalPooling, uniform_frame_indices
 from mpe.model.vision.tower import VisionTower
 
 CONFIG_FILE = "mpe_config.json"
@@ -57,6 +59,7 @@ class MultiPromptCLIP(nn.Module):
         self.text = text
         self.vision = vision
         self.provenance = dict(provenance or {})
+        self.temporal = TemporalPooling(cfg.video, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.loss.initial_logit_scale)))
         if cfg.loss.kind == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(cfg.loss.init_logit_bias))
@@ -118,6 +121,35 @@ class MultiPromptCLIP(nn.Module):
         """``(N, D)`` L2-normalised image embeddings."""
         return torch.cat(
             [self.vision(self.pixel_values(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        )
+
+    def video_pixels(self, videos: list) -> torch.Tensor:
+        """``(N, T, 3, S, S)``: each clip's frames (a sequence of PIL images), ``T = video.num_frames`` taken
+        uniformly over the clip's frames (repeated when it has fewer)."""
+        t = self.cfg.video.num_frames
+        clips = []
+        for frames in videos:
+            frames = list(frames)
+            clips.append(self.vision.transform([frames[i] for i in uniform_frame_indices(len(frames), t)]))
+        return torch.stack(clips).to(self.device)
+
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` L2-normalised embeddings of images ``(N, 3, S, S)`` or of clips ``(N, T, 3, S, S)``: every
+        frame through the vision tower, then the temporal pooling."""
+        if pixel_values.ndim == 4:
+            return self.vision(pixel_values)
+        n, t = pixel_values.shape[:2]
+        frames = self.vision(pixel_values.flatten(0, 1)).view(n, t, -1)
+        return self.temporal(frames)
+
+    def encode_video(self, videos: list, batch_size: int = 8) -> torch.Tensor:
+        """``(N, D)`` L2-normalised clip embeddings; each clip a sequence of frames (PIL images), of which
+        ``video.num_frames`` are read (see :meth:`video_pixels`)."""
+        return torch.cat(
+            [
+                self.embed_pixels(self.video_pixels(videos[i : i + batch_size]))
+                for i in range(0, len(videos), batch_size)
+            ]
         )
 
     def similarity(self, t: torch.Tensor, v: torch.Tensor, weights=None) -> torch.Tensor:

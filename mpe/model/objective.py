@@ -1,4 +1,5 @@
-"""One forward of the training objective: images and captions (or cached trunk states) to the loss."""
+"""One forward of the training objective: images or video clips and captions (or cached trunk states) to the
+loss."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def text_from_cache(model, states: torch.Tensor, caption_lens: list[int]) -> Tex
 
 def model_loss(model, pixel_values: torch.Tensor, text: TextEmbedding, dist: Dist = Dist()) -> LossTerms:
     """``L_con + λ_div·L_div + λ_neg·L_neg`` for a batch whose text side is already embedded."""
-    image = model.vision(pixel_values)
+    image = model.embed_pixels(pixel_values)  # images (B, 3, S, S) or clips (B, T, 3, S, S)
     scale, bias = model.scale_and_bias()
     loss = model.cfg.loss
     return total_loss(image, text, scale, bias, loss.kind, loss.lambda_div, loss.lambda_neg, dist)

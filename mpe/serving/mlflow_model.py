@@ -25,6 +25,7 @@ PYFUNC_REQUIREMENTS = [
     "pyyaml",
     "tqdm",
     "peft",
+    "av",  # the video column's decoder
 ]
 
 
@@ -48,7 +49,13 @@ def log_pyfunc(model_dir: Path, embed_dim: int, name: str = "model") -> str:
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec("string", "text", required=False),
+                ColSpec("string", "image", required=False),
+                ColSpec("string", "video", required=False),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, embed_dim))]),
     )
     example = pd.DataFrame(

@@ -1,8 +1,9 @@
 """The MLflow pyfunc of a trained model, logged as *models from code*: MLflow stores this file and
 the model folder as artifacts and never pickles or unpickles a Python object.
 
-Input: a DataFrame with a ``text`` column (strings) and/or an ``image`` column (base64-encoded image
-bytes); each row carries one of the two (``mpe.serving.request`` checks and embeds them). Output: one
+Input: a DataFrame with a ``text`` column (strings), an ``image`` column (base64-encoded image bytes) and/or
+a ``video`` column (base64-encoded video file bytes); each row carries one of them (``mpe.serving.request``
+checks and embeds them). Output: one
 L2-normalised embedding per row.
 """
 

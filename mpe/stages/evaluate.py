@@ -1,7 +1,8 @@
 """Stage ``evaluate``: the trained model and its untrained twin (same architecture and trunk) on the
-test split, the negation set and the zero-shot tasks, against chance; the trained model on the standard
-benchmarks of ``evaluate.benchmarks`` (``<name>.<metric>`` keys); plots; the numbers and plots added to the
-MLflow run that trained the model."""
+test split, the negation set and the zero-shot tasks, against chance; text↔video retrieval on the video
+test split (a video source's ``test``, or an image source's zero-shot ``video_test``); the trained model on
+the standard benchmarks of ``evaluate.benchmarks`` (``<name>.<metric>`` keys); plots; the numbers and plots
+added to the MLflow run that trained the model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mpe.cache.compute import open_cache
 from mpe.cache.store import TextStates
 from mpe.config import Params
 from mpe.data.loader import load_split
-from mpe.data.stats import verified_shards
+from mpe.data.stats import read_stats, verified_shards
 from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
 from mpe.evaluation.plots import loss_curves, prompt_maps, recall_bars
 from mpe.evaluation.tasks import (
@@ -23,6 +24,7 @@ from mpe.evaluation.tasks import (
     flat_metrics,
     prompt_patch_maps,
 )
+from mpe.evaluation.video_tasks import evaluate_videos, video_chance, video_flat
 from mpe.files import storage
 from mpe.files.atomic import write_json
 from mpe.model.configuration import ModelConfig
@@ -47,7 +49,10 @@ def run(params: Params) -> dict:
     data_root = params.data.out_dir
     base_dir = Path(params.base_model.out_dir)
     plots = Path(params.evaluate.plots_dir)
-    for split in {"test", *params.evaluate.splits}:
+    stats = read_stats(data_root)
+    video_only = stats.get("modality") == "video"  # a video source: its test split is clips
+    video_split = "test" if video_only else "video_test" if "video_test" in stats["splits"] else None
+    for split in {"test", *params.evaluate.splits, *([video_split] if video_split else [])}:
         verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
     benchmarks = read_benchmarks(params.evaluate.benchmarks)  # a missing or malformed file fails before models load
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
@@ -62,12 +67,23 @@ def run(params: Params) -> dict:
     if params.evaluate.compare_untrained:
         twin = _untrained_twin(trained.cfg, params.model.vision.pretrained)
         models["untrained"] = MultiPromptCLIP.from_base(base_dir, twin, seed=params.seed).eval()
-    results = {name: evaluate_model(m, data_root, TextEmbedder(m, cache, batch_size), ks) for name, m in models.items()}
-    report = {name: flat_metrics(r) for name, r in results.items()}
-    report["chance"] = chance_levels(results["trained"], ks)
-    report["analysis"] = {name: analysis_metrics(r) for name, r in results.items()}
+    embedders = {name: TextEmbedder(m, cache, batch_size) for name, m in models.items()}
+    if video_only:
+        results = {name: {} for name in models}
+        report = {name: {} for name in models} | {"chance": {}, "analysis": {}}
+    else:
+        results = {name: evaluate_model(m, data_root, embedders[name], ks) for name, m in models.items()}
+        report = {name: flat_metrics(r) for name, r in results.items()}
+        report["chance"] = chance_levels(results["trained"], ks)
+        report["analysis"] = {name: analysis_metrics(r) for name, r in results.items()}
+    if video_split:  # every frame through the vision tower, mean-pooled (or the model's temporal pooling)
+        folder = storage.join(data_root, "shards", video_split)
+        for name, m in models.items():
+            results[name].update(evaluate_videos(m, folder, embedders[name], ks))
+            report[name].update(video_flat(results[name]))
+        report["chance"].update(video_chance(results["trained"], ks))
     for split in params.evaluate.splits:
-        if split != "test":
+        if split != "test" and not video_only:
             r = evaluate_split(trained, data_root, split, TextEmbedder(trained, cache, batch_size), ks)
             report[split] = {"trained": {k: v for k, v in r[split].items() if "@" in k}}
     if benchmarks:
@@ -78,7 +94,11 @@ def run(params: Params) -> dict:
     report["details"] = results
     write_json(metrics_file(params.metrics_dir, EVAL), report)
 
-    keys = [k for k in report["trained"] if not k.startswith("compositional_") and "." not in k]  # test split only
+    keys = [  # the test splits' fractions (ranks, MdR and MnR, do not share their axis)
+        k
+        for k in report["trained"]
+        if not k.startswith("compositional_") and "." not in k and ("R@" in k or k.endswith("accuracy"))
+    ]
     recall_bars(
         {m: report[m] for m in ("trained", "untrained", "chance") if m in report},
         keys,
@@ -88,14 +108,15 @@ def run(params: Params) -> dict:
     history = read_metrics(params.metrics_dir, TRAIN_HISTORY)
     if history is not None:
         loss_curves(history, plots / "loss.png")
-    shown = load_split(storage.join(data_root, "shards", "test"))[0][:4]
-    emb = TextEmbedder(trained, cache)([s.caption for s in shown])
-    prompt_maps(
-        [s.image for s in shown],
-        prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
-        [s.caption for s in shown],
-        plots / "prompt_maps.png",
-    )
+    if not video_only:
+        shown = load_split(storage.join(data_root, "shards", "test"))[0][:4]
+        emb = TextEmbedder(trained, cache)([s.caption for s in shown])
+        prompt_maps(
+            [s.image for s in shown],
+            prompt_patch_maps(trained, [s.image for s in shown], emb).numpy(),
+            [s.caption for s in shown],
+            plots / "prompt_maps.png",
+        )
 
     run_id = training_run_id(params.metrics_dir)
     if run_id:

@@ -119,6 +119,8 @@ def run(params: Params) -> dict:
             "shuffle_buffer": tcfg.shuffle_buffer,
             "seed": params.seed,
             "workers": tcfg.loader_workers,
+            # a video source's samples are clips, read as the model's num_frames frames each
+            "num_frames": params.model.video.num_frames if stats.get("modality") == "video" else 0,
         },
         tracking=asdict(settings),
         logged_params=logged,

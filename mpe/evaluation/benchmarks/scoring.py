@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mpe.evaluation.benchmarks import clip_wds, image_folder, karpathy, negbench
+from mpe.evaluation.benchmarks import clip_wds, image_folder, karpathy, msrvtt, negbench
 from mpe.evaluation.benchmarks.sets import ChoiceSet, ClassificationSet, Images, RetrievalSet
+from mpe.evaluation.benchmarks.video_sets import VideoRetrievalSet, video_retrieval
 from mpe.evaluation.metrics import hits_at_k, retrieval_metrics
 from mpe.evaluation.tasks import embed_images
 
@@ -19,6 +20,7 @@ READERS = {
     "clip_benchmark_wds": clip_wds.read,
     "image_folder": image_folder.read,
     "negbench_mcq": negbench.read,
+    "msrvtt": msrvtt.read,
 }
 
 
@@ -79,6 +81,8 @@ def score(model, data, embed_text, ks=(1, 5, 10), batch_size: int = 64) -> dict:
         return classification(model, data, embed_text, batch_size)
     if isinstance(data, ChoiceSet):
         return multiple_choice(model, data, embed_text, batch_size)
+    if isinstance(data, VideoRetrievalSet):
+        return video_retrieval(model, data, embed_text, ks, batch_size)
     raise TypeError(f"not a benchmark set: {type(data).__name__}")
 
 
@@ -88,5 +92,10 @@ def benchmark_metrics(
     """``(flat, details)``: ``{"<name>.<metric>": value}`` for MLflow and the gate, and each set's full
     result with its counts."""
     details = {name: score(model, data, embed_text, ks, batch_size) for name, data in sets.items()}
-    flat = {f"{name}.{k}": v for name, r in details.items() for k, v in r.items() if not k.startswith("n_")}
+    flat = {  # the metrics: not the counts, nor what a video set left out (details)
+        f"{name}.{k}": v
+        for name, r in details.items()
+        for k, v in r.items()
+        if not k.startswith("n_") and isinstance(v, (int, float))
+    }
     return flat, details

@@ -26,8 +26,11 @@ class CellResult:
         return {s: m[metric] for s, m in self.by_seed.items() if metric in m}
 
 
-def collect(settings: TrackingSettings, suite: str, form: str) -> dict[str, CellResult]:
-    """The finished runs of ``suite``/``form`` in the tracking store, by cell and seed (latest run wins)."""
+def collect(
+    settings: TrackingSettings, suite: str, form: str, done: str = "text_to_image_R@1"
+) -> dict[str, CellResult]:
+    """The finished runs of ``suite``/``form`` in the tracking store, by cell and seed (latest run wins); a run is
+    finished once its evaluation logged the metric ``done`` (the suite's first)."""
     import mlflow
 
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -44,7 +47,7 @@ def collect(settings: TrackingSettings, suite: str, form: str) -> dict[str, Cell
     for r in runs:
         cell, seed = r.data.tags.get("mpe.cell"), r.data.tags.get("mpe.seed")
         sections = from_mlflow(r.data.metrics)
-        if cell is None or seed is None or "text_to_image_R@1" not in sections.get("trained", {}):
+        if cell is None or seed is None or done not in sections.get("trained", {}):
             continue  # not evaluated (yet)
         metrics = {
             flat_name(section, name): v
@@ -225,7 +228,7 @@ def suite_cells(name: str, form: str, project: Path = Path(".")):
 
     suite = load_suite(suite_path(name, project))
     settings = tracking_settings(resolve_tracking_uri(load_params(Path(project) / suite.base)).mlflow)
-    cells = collect(settings, suite.name, form)
+    cells = collect(settings, suite.name, form, suite.metrics[0])
     if not cells:
         raise ConfigError(
             f"no finished runs of suite '{suite.name}' (form {form}) in MLflow yet: "
@@ -252,11 +255,13 @@ def write_suite_report(name: str, form: str, out: Path, project: Path = Path("."
     rows = table_rows(cells, list(suite.cells), suite.baseline, suite.metrics)
     plot(
         rows,
-        [m for m in suite.metrics if "R@5" in m][:4] or suite.metrics[:2],
+        suite.plot_metrics or [m for m in suite.metrics if "R@5" in m][:4] or suite.metrics[:2],
         png,
         f"{suite.name} ({form}): mean ± std over seeds",
     )
-    command = f"mpe experiments report {suite.name} --form {form}"
+    command = f"mpe experiments report {suite.name} --form {form}" + (
+        f" --out {out}" if Path(out) != Path("docs/RESULTS.md") else ""
+    )
     write_text(out, results_markdown(suite, form, cells, command, git_commit(Path(project))[:7] or "unknown", png.name))
     parent = parent_run(
         settings, f"{suite.name} ({form})", {"mpe.suite": suite.name, "mpe.form": form, "mpe.suite_parent": "true"}

@@ -35,7 +35,8 @@ class SuiteConfig(StrictConfig):
     base: str = "params.yaml"
     seeds: list[int] = Field(min_length=1)
     baseline: str
-    metrics: list[str] = Field(min_length=1)
+    metrics: list[str] = Field(min_length=1, description="the table's columns; the first marks a run as finished")
+    plot_metrics: list[str] = Field([], description="the plot's bars (default: the R@5 columns)")
     common: dict[str, Any] = {}
     forms: dict[str, dict[str, Any]] = {"quick": {}}
     cells: dict[str, dict[str, Any]] = Field(min_length=1)
