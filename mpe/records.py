@@ -153,6 +153,18 @@ SHORT = {
     "zero_shot_colour_accuracy": "0-shot colour",
     "caption_over_negated_accuracy": "caption>negated",
     "inter_prompt_cosine": "inter-prompt cos",
+    "text_to_video_R@1": "t→v R@1",
+    "text_to_video_R@5": "t→v R@5",
+    "text_to_video_R@10": "t→v R@10",
+    "video_to_text_R@1": "v→t R@1",
+    "video_to_text_R@5": "v→t R@5",
+    "video_to_text_R@10": "v→t R@10",
+    "text_to_video_MdR": "t→v MdR",
+    "text_to_video_MnR": "t→v MnR",
+    "video_to_text_MdR": "v→t MdR",
+    "video_to_text_MnR": "v→t MnR",
+    "motion_video_to_text_accuracy": "motion v→t",
+    "motion_text_to_video_accuracy": "motion t→v",
 }
 
 

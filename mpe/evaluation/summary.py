@@ -15,6 +15,14 @@ HEADLINE = (
     "negation_accuracy",
     "zero_shot_shape_accuracy",
     "zero_shot_colour_accuracy",
+    # the video test split (zero-shot beside an image world: frames mean-pooled)
+    "text_to_video_R@1",
+    "text_to_video_R@5",
+    "video_to_text_R@1",
+    "video_to_text_R@5",
+    "text_to_video_MdR",
+    "motion_video_to_text_accuracy",
+    "motion_text_to_video_accuracy",
 )
 
 
