@@ -12,7 +12,8 @@ from mpe.data.shapes import COLOURS, SHAPES
 def test_every_split_downloaded_by_img2dataset(project):
     root, params = project
     stats = json.loads((root / "data" / "stats.json").read_text())
-    assert set(stats["splits"]) == {"train", "test", "negation"}  # val_captions: 0 writes no val split
+    # val_captions: 0 writes no val split; video_test: the moving-shapes test clips (zero-shot video retrieval)
+    assert set(stats["splits"]) == {"train", "test", "negation", "video_test"}
     for split, s in stats["splits"].items():
         assert s["success_rate"] == 1.0 and s["status"] == {"success": s["count"]}
         folder = root / "data" / "shards" / split

@@ -5,6 +5,7 @@ served."""
 
 import base64
 import csv
+import io
 import random
 import statistics
 
@@ -329,3 +330,67 @@ def test_a_served_video_row_is_embedded_like_encode_video_and_a_bad_one_is_named
     both = pd.DataFrame({"text": ["x"], "video": [base64.b64encode(mp4).decode()]})
     with pytest.raises(DataError, match="row 0: has 'text' and 'video'"):
         embed_rows(m, both)
+
+
+# -- the video sources of the data stage ------------------------------------------------------------------------
+def test_a_video_folder_and_caption_csv_become_train_and_test_shards_counting_bad_files(tmp_path):
+    import json
+
+    from mpe.data.stats import shard_stats
+    from mpe.data.video_sources import write_video_collection
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rows = []
+    for i in range(12):
+        (videos / f"v{i}.mp4").write_bytes(encode_mp4(grey_frames(GREYS[i : i + 3]), fps=4))
+        rows.append(f"v{i}.mp4,clip number {i}")
+    (videos / "v3.mp4").write_bytes(b"")  # zero-length
+    rows.append("gone.mp4,a clip that is not there")
+    (tmp_path / "captions.csv").write_text("video,caption\n" + "\n".join(rows) + "\n")
+    cfg = DataConfig(
+        source="video_folder",
+        test_fraction=0.25,
+        video={"folder": str(videos), "captions": str(tmp_path / "captions.csv")},
+    )
+    assert write_video_collection(cfg, tmp_path / "out") == ["train", "test"]
+    train, test = (shard_stats(tmp_path / "out" / "shards" / s) for s in ("train", "test"))
+    assert train["count"] + test["count"] == 13 and train["successes"] + test["successes"] == 11
+    status = {**train["status"], **test["status"]}
+    assert any(k.startswith("zero-length video") and "v3.mp4" in k for k in status)
+    assert any(k.startswith("no such file") and "gone.mp4" in k for k in status)
+    split = load_video_split(str(tmp_path / "out" / "shards" / "train"), 3)
+    assert split.bad == [] and {s.meta["id"] for s in split.samples} <= {f"v{i}.mp4" for i in range(12)}
+    again = tmp_path / "again"
+    write_video_collection(cfg, again)  # a clip's split follows from its name alone
+    for s in ("train", "test"):
+        a = json.loads((tmp_path / "out" / "shards" / s / "00000_stats.json").read_text())
+        assert a == json.loads((again / "shards" / s / "00000_stats.json").read_text())
+
+
+def test_shards_video2dataset_wrote_elsewhere_are_read_as_a_source(tmp_path):
+    import json
+    import tarfile
+
+    from mpe.data.video_sources import write_video_collection
+
+    folder = tmp_path / "v2d"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:  # video2dataset's webdataset: key.mp4, key.txt, key.json
+        for i in range(8):
+            key = f"00000{i:04d}"
+            for ext, data in (
+                ("mp4", encode_mp4(grey_frames(GREYS[i : i + 4]), fps=4)),
+                ("txt", f"a grey clip {i}".encode()),
+                ("json", json.dumps({"url": f"http://example.invalid/{i}.mp4", "key": key}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    cfg = DataConfig(source="video_webdataset", test_fraction=0.3, video={"webdataset": str(folder)})
+    write_video_collection(cfg, tmp_path / "out")
+    samples = [
+        s for split in ("train", "test") for s in load_video_split(str(tmp_path / "out" / "shards" / split), 4).samples
+    ]
+    assert sorted(s.caption for s in samples) == sorted(f"a grey clip {i}" for i in range(8))
+    assert all(len(s.frames) == 4 for s in samples)
