@@ -55,12 +55,12 @@ def run_cell(spec: RunSpec, analyse: bool) -> dict:
     report = evaluate.run(spec.params)
     if analyse and spec.params.model.text.num_prompts > 1 and "val" in spec.params.evaluate.splits:
         reweight.run(spec.params)
+    shown = [k for k in ("text_to_image_R@5", "image_to_text_R@5", "text_to_video_R@5") if k in report["trained"]]
     log.info(
-        "%s seed %s: t2i R@5 %.3f, i2t R@5 %.3f (%s steps)",
+        "%s seed %s: %s (%s steps)",
         spec.cell,
         spec.seed,
-        report["trained"]["text_to_image_R@5"],
-        report["trained"]["image_to_text_R@5"],
+        ", ".join(f"{k} {report['trained'][k]:.3f}" for k in shown),
         summary["steps"],
     )
     return report["trained"]
