@@ -61,31 +61,29 @@ def _errors():
     return (av.FFmpegError, OSError, ValueError, EOFError, IndexError)
 
 
-def _count_frames(source: bytes | Path) -> int:
+def _frame_count(container, source: bytes | Path) -> int:
     """The clip's frame count: its header's, else its video packets counted without decoding."""
-    with _open(source) as container:
-        stream = container.streams.video[0]
-        if stream.frames > 0:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
+    stream = container.streams.video[0]
+    if stream.frames > 0:
+        return int(stream.frames)
+    with _open(source) as again:  # counting reads the packets: a second handle leaves this one at the start
+        return sum(1 for packet in again.demux(again.streams.video[0]) if packet.size)
 
 
-def _decode_at(source: bytes | Path, indices: list[int]) -> tuple[dict[int, Image.Image], int, bool]:
+def _decode_at(container, indices: list[int]) -> tuple[dict[int, Image.Image], int, bool]:
     """The frames at ``indices`` (RGB), the number of frames decoded, and whether the stream broke."""
     wanted, last = set(indices), max(indices)
     found: dict[int, Image.Image] = {}
     decoded, broke = 0, False
-    with _open(source) as container:
-        stream = container.streams.video[0]
-        try:
-            for i, frame in enumerate(container.decode(stream)):
-                decoded = i + 1
-                if i in wanted:
-                    found[i] = frame.to_image()
-                if i >= last or decoded >= MAX_DECODED_FRAMES:
-                    break
-        except _errors():
-            broke = True  # a damaged tail: what decoded before it is kept
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            decoded = i + 1
+            if i in wanted:
+                found[i] = frame.to_image()
+            if i >= last or decoded >= MAX_DECODED_FRAMES:
+                break
+    except _errors():
+        broke = True  # a damaged tail: what decoded before it is kept
     return found, decoded, broke
 
 
@@ -109,18 +107,19 @@ def decode_clip(source: bytes | str | Path, n: int, where: str = "", max_frames:
                     "video_too_large",
                     f"{where}: frames of {ctx.width}×{ctx.height} pixels, over the limit of 4096×4096",
                 )
-        total = _count_frames(source)
-        if total == 0:
-            raise BadVideo("bad_video", f"{where}: the video stream holds no frame ({size} bytes)")
-        if total > max_frames:
-            raise BadVideo("video_too_long", f"{where}: {total} frames, over the limit of {max_frames}")
-        indices = uniform_frame_indices(total, n)
-        found, decoded, broke = _decode_at(source, indices)
+            total = _frame_count(container, source)
+            if total == 0:
+                raise BadVideo("bad_video", f"{where}: the video stream holds no frame ({size} bytes)")
+            if total > max_frames:
+                raise BadVideo("video_too_long", f"{where}: {total} frames, over the limit of {max_frames}")
+            indices = uniform_frame_indices(total, n)
+            found, decoded, broke = _decode_at(container, indices)
         truncated = broke or decoded <= max(indices) and decoded < total
         if truncated and decoded:  # fewer frames than the header said: sample again over those that decode
             total = decoded
             indices = uniform_frame_indices(total, n)
-            found, decoded, _ = _decode_at(source, indices)
+            with _open(source) as container:
+                found, decoded, _ = _decode_at(container, indices)
     except BadVideo:
         raise
     except _errors() as err:
