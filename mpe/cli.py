@@ -63,7 +63,12 @@ def cmd_embed(args) -> None:
 
     print(
         embed_files(
-            args.model, args.out, text_file=args.text_file, image_dir=args.image_dir, batch_size=args.batch_size
+            args.model,
+            args.out,
+            text_file=args.text_file,
+            image_dir=args.image_dir,
+            video_dir=args.video_dir,
+            batch_size=args.batch_size,
         )
     )
 
@@ -389,11 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True)
     init.add_argument("--num-prompts", type=_positive(int))
 
-    emb = command("embed", cmd_embed, "embed a text file (one caption per line) or a folder of images")
+    emb = command("embed", cmd_embed, "embed a text file (one caption per line), a folder of images or of videos")
     emb.add_argument("--model", required=True, help="a trained model folder")
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file")
     src.add_argument("--image-dir")
+    src.add_argument("--video-dir", help="a folder of videos (.mp4 .webm .mkv .mov .avi), one row each, sorted by name")
     emb.add_argument("--out", required=True, help="the .npy file to write")
     emb.add_argument("--batch-size", type=_positive(int), default=32)
 

@@ -1,4 +1,4 @@
-"""Embedding files of text or images with a saved model (``mpe embed``)."""
+"""Embedding files of text, images or videos with a saved model (``mpe embed``)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,31 @@ def embed_image_files(model, files: list[Path], batch_size: int = 32) -> np.ndar
     return np.concatenate(out)
 
 
+def list_videos(folder: str | Path) -> list[Path]:
+    from mpe.data.video_codec import VIDEO_EXTS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder of videos")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in VIDEO_EXTS)
+    if not files:
+        raise DataError(f"{folder}: no video files ({', '.join('.' + e for e in VIDEO_EXTS)})")
+    return files
+
+
+@torch.no_grad()
+def embed_video_files(model, files: list[Path], batch_size: int = 8) -> np.ndarray:
+    """One row per video, its ``video.num_frames`` frames pooled; a video that does not decode is an error
+    naming it (the rows must line up with the files)."""
+    from mpe.data.video_codec import decode_clip
+
+    n, out = model.cfg.video.num_frames, []
+    for i in tqdm(range(0, len(files), batch_size), desc="embed videos", unit="batch"):
+        clips = [decode_clip(p, n).frames for p in files[i : i + batch_size]]
+        out.append(model.encode_video(clips).float().cpu().numpy())
+    return np.concatenate(out)
+
+
 def save_npy(target: str | Path, array: np.ndarray) -> None:
     with atomic_path(target, suffix=".npy") as tmp:
         np.save(tmp, array)
@@ -85,18 +110,27 @@ def embed_files(
     text_file: str | None = None,
     image_dir: str | None = None,
     batch_size: int = 32,
+    video_dir: str | None = None,
 ) -> str:
-    """Embed a text file (one caption per line) or a folder of images with the model in ``model_dir`` into
-    ``out`` (``.npy``, one row per caption or image); returns what was written, in one line."""
+    """Embed a text file (one caption per line), a folder of images or a folder of videos with the model in
+    ``model_dir`` into ``out`` (``.npy``, one row per caption, image or video, files in name order); returns
+    what was written, in one line."""
     from mpe.model.multi_prompt_clip import MultiPromptCLIP
 
     blank: list[int] = []
     if text_file:
         texts, blank = read_text_file(text_file)
+    elif video_dir:
+        videos = list_videos(video_dir)
     else:
         images = list_images(image_dir)
     model = MultiPromptCLIP.from_pretrained(model_dir)
-    arr = embed_texts(model, texts, batch_size) if text_file else embed_image_files(model, images, batch_size)
+    if text_file:
+        arr = embed_texts(model, texts, batch_size)
+    elif video_dir:
+        arr = embed_video_files(model, videos, batch_size)
+    else:
+        arr = embed_image_files(model, images, batch_size)
     save_npy(out, arr)
     skipped = f"; skipped {len(blank)} blank lines ({', '.join(map(str, blank[:10]))})" if blank else ""
     return f"wrote {arr.shape[0]} embeddings of dimension {arr.shape[1]} to {out}{skipped}"

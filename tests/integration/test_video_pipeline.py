@@ -27,8 +27,8 @@ def video_project(tiny_base_dir, tmp_path_factory, ray_session):
     from mpe.stages import base_model, cache, data, evaluate, train
 
     root = tmp_path_factory.mktemp("video")
-    train = {"batch_size": 8, "fail_at_step": 3, "max_failures": 1}
-    p = small_params(root, tiny_base_dir, data=VIDEO_DATA, model=VIDEO_MODEL, train=train)
+    failing = {"batch_size": 8, "fail_at_step": 3, "max_failures": 1}
+    p = small_params(root, tiny_base_dir, data=VIDEO_DATA, model=VIDEO_MODEL, train=failing)
     params = load_params(write_params(root, p))
     stats = data.run(params)
     base_model.run(params)

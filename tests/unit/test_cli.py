@@ -65,6 +65,20 @@ def test_model_init_then_embed_text_and_images(tiny_base, tmp_path, capsys):
     assert main(["embed", "--model", str(model), "--image-dir", str(imgs), "--out", str(tmp_path / "w.npy")]) == 2
     assert "3.jpg: not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "w.npy").exists()
+    from mpe.data.video_codec import encode_mp4
+
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    for i in range(2):
+        (vids / f"{i}.mp4").write_bytes(
+            encode_mp4([Image.new("RGB", (32, 32), (60 * i, 90, 9 * f)) for f in range(5)], 4)
+        )
+    assert main(["embed", "--model", str(model), "--video-dir", str(vids), "--out", str(tmp_path / "c.npy")]) == 0
+    c = np.load(tmp_path / "c.npy")
+    assert c.shape == (2, 48) and np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    (vids / "2.mp4").write_bytes(b"")
+    assert main(["embed", "--model", str(model), "--video-dir", str(vids), "--out", str(tmp_path / "d.npy")]) == 2
+    assert "2.mp4: zero-length video file" in capsys.readouterr().err
 
 
 def test_bad_params_name_the_key(tiny_base, tmp_path, capsys):
