@@ -72,6 +72,7 @@ class Raw:
     states: torch.Tensor | None = None  # storage dtype
     scales: torch.Tensor | None = None
     caption_len: int = 0
+    shard: str = ""  # the data shard's name, for messages
 
 
 @dataclass
@@ -121,6 +122,7 @@ class SlotStream:
         """``(offset, Raw)`` of this slot's samples of ``shard`` from ``start`` (or just those in ``only``)."""
         spec = self.spec
         data_url = spec.data_shards[shard]
+        shard_name = data_url.rsplit("/", 1)[-1]
         cache = ShardReader(spec.cache_shards[shard]) if spec.cache_shards else None
         try:
             entry = 0
@@ -141,7 +143,7 @@ class SlotStream:
                     )
                 if not (wanted and mine):
                     continue
-                raw = Raw(key, video_of(files) if spec.num_frames else image_of(files), caption)
+                raw = Raw(key, video_of(files) if spec.num_frames else image_of(files), caption, shard=shard_name)
                 if cache is not None:
                     u = int(cache.sample_text[e])
                     if bytes(cache.text_sha256[u].tolist()) != text_digest(caption):
@@ -202,10 +204,11 @@ class SlotStream:
 
     def _clip(self, raw: Raw, transform: ImageTransform) -> torch.Tensor | None:
         """A video sample's ``(T, 3, S, S)`` uint8 frames, or None (counted and named) when it cannot be used."""
+        where = f"{raw.shard}: sample {raw.key}"
         try:
             if not raw.image:
-                raise BadVideo("empty_video" if raw.image == b"" else "no_video", f"sample {raw.key}: no video")
-            clip = decode_clip(raw.image, self.spec.num_frames, f"sample {raw.key}")
+                raise BadVideo("empty_video" if raw.image == b"" else "no_video", f"{where}: no video")
+            clip = decode_clip(raw.image, self.spec.num_frames, where)
         except BadVideo as err:
             self.skipped[err.reason] += 1
             print(f"mpe: skipped {err} (slot {self.slot})", flush=True)
