@@ -394,3 +394,12 @@ def test_shards_video2dataset_wrote_elsewhere_are_read_as_a_source(tmp_path):
     ]
     assert sorted(s.caption for s in samples) == sorted(f"a grey clip {i}" for i in range(8))
     assert all(len(s.frames) == 4 for s in samples)
+
+
+def test_the_gates_mean_recall_leaves_zero_shot_video_out_of_an_image_run_and_uses_it_in_a_video_run():
+    from mpe.tracking.gate import gate_score
+
+    image_run = {"text_to_image_R@1": 0.2, "image_to_text_R@1": 0.4, "text_to_video_R@1": 0.9, "text_to_video_MdR": 3}
+    assert gate_score(image_run, "mean_recall") == pytest.approx(0.3)
+    video_run = {"text_to_video_R@1": 0.5, "video_to_text_R@1": 0.7, "text_to_video_MdR": 2.0}
+    assert gate_score(video_run, "mean_recall") == pytest.approx(0.6)
