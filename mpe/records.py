@@ -70,8 +70,9 @@ class TrainingSummary:
 
 def training_run_id(metrics_dir: str | Path) -> str | None:
     """The MLflow run that trained the model in this project, if the train stage logged one."""
-    summary = TrainingSummary.read(metrics_dir)
-    return summary.mlflow_run_id if summary else None
+    # Only the run id is read: a train.json from another mpe version still names its run.
+    data = read_metrics(metrics_dir, TRAIN)
+    return data.get("mlflow_run_id") if data else None
 
 
 # An evaluation report's sections and the MLflow metric-key prefix of each. ``trained`` is the model the
