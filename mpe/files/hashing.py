@@ -24,6 +24,10 @@ def fingerprint(obj, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+# what a model folder's content is: weights, configs, tokenizers (sentencepiece, BPE merges, tiktoken)
+MODEL_FILES = (".safetensors", ".json", ".model", ".txt", ".tiktoken")
+
+
 def checkpoint_sha256(folder: str | Path, suffixes=(".safetensors", ".json")) -> str:
     """sha256 over the weight and config/tokenizer files of a checkpoint folder (names and contents)."""
     h = hashlib.sha256()
@@ -31,3 +35,9 @@ def checkpoint_sha256(folder: str | Path, suffixes=(".safetensors", ".json")) ->
         h.update(p.name.encode())
         h.update(file_sha256(p).encode())
     return h.hexdigest()
+
+
+def model_folder_sha256(folder: str | Path) -> str:
+    """sha256 of a model folder a stage reads from outside the project (a local base LLM, a pretrained
+    vision tower): every weight, config and tokenizer file, by name and content."""
+    return checkpoint_sha256(folder, MODEL_FILES)
