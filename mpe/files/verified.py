@@ -1,5 +1,5 @@
-"""Which files' content has been verified, and in what state, so that checking a large corpus at every
-stage start reads only what changed.
+"""Which files' content has been verified, and in what state, so that checking a large corpus (data and
+cache shards) or hashing a large model folder at every stage start reads only what changed.
 
 A folder's record ``.mpe-verified.json`` maps a file name to the digest it was verified to hold and the
 file's stat signature at that moment: size, mtime, ctime and inode (on an object store: size, ETag and
@@ -45,8 +45,12 @@ class Record:
 
     def holds(self, url: str, digest: str) -> bool:
         """Whether ``url`` was verified to hold ``digest`` and has not changed since."""
+        return self.digest_of(url) == digest
+
+    def digest_of(self, url: str) -> str | None:
+        """The digest ``url`` was found to hold, if it has not changed since."""
         entry = self.entries.get(storage.name(url))
-        return entry is not None and entry.get("digest") == digest and entry.get("signature") == signature(url)
+        return entry.get("digest") if entry is not None and entry.get("signature") == signature(url) else None
 
     def add(self, url: str, digest: str, before: str) -> None:
         """``url`` was verified to hold ``digest``; ``before`` is its signature from before it was read, so a

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+from mpe.files import hashing
 from mpe.files.verified import RECORD, Record, forget, signature
 
 
@@ -58,3 +59,20 @@ def test_a_file_that_changed_while_it_was_read_is_not_recorded(tmp_path):
 def test_an_unreadable_record_is_an_empty_one(tmp_path):
     (tmp_path / RECORD).write_text("{ not json")
     assert Record(str(tmp_path)).entries == {}
+
+
+def test_a_model_folder_is_read_once_while_unchanged_and_again_when_a_file_is_replaced(tmp_path, monkeypatch):
+    folder = tmp_path / "siglip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"w" * 1000)
+    (folder / "notes.md").write_text("not a model file")
+    read = []
+    real = hashing.file_sha256
+    monkeypatch.setattr(hashing, "file_sha256", lambda p, *a: read.append(p.name) or real(p, *a))
+    first = hashing.model_folder_sha256(folder)
+    assert sorted(read) == ["config.json", "model.safetensors"] and (folder / RECORD).exists()
+    read.clear()
+    assert hashing.model_folder_sha256(folder) == first and read == []  # the record is not content either
+    (folder / "model.safetensors").write_bytes(b"v" * 1000)  # new weights, same name and size
+    assert hashing.model_folder_sha256(folder) != first and read == ["model.safetensors"]
