@@ -193,7 +193,13 @@ def test_a_model_folder_replaced_in_place_reruns_the_stages_it_feeds(project, tm
     vision = write_tiny_siglip(tmp_path / "siglip")
     proj = tmp_path / "proj"
     proj.mkdir()
-    params = copy_project(project, proj, base_model={"name": str(llm)}, model={"vision": {"pretrained": str(vision)}})
+    params = copy_project(
+        project,
+        proj,
+        base_model={"name": str(llm)},
+        model={"vision": {"pretrained": str(vision)}},
+        train={"max_steps": 2, "checkpoint_every": 2},
+    )
     full = Params.model_validate(yaml.safe_load(params.read_text())).model_dump(mode="json", by_alias=True)
     params.write_text(yaml.safe_dump(full))  # every key: DVC checks that the keys dvc.yaml names exist
     for item in COPY:
