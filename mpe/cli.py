@@ -73,7 +73,13 @@ def cmd_sources(args) -> None:
     from mpe.stages import sources
 
     listing = sources.run(params)
-    print(f"{listing['source']}: {len(listing['parts'])} URL list parts")
+    base = listing["base_model"].get("local_sha256")
+    vision = listing["vision"]["sha256"]
+    print(
+        f"{listing['source']}: {len(listing['parts'])} URL list parts; base model "
+        + (f"folder sha256 {base[:12]}" if base else listing["base_model"]["name"])
+        + (f"; vision tower sha256 {vision[:12]}" if vision else "")
+    )
 
 
 def cmd_data(args) -> None:
@@ -358,7 +364,7 @@ def _merge_common(args) -> None:
 
 
 STAGES = [
-    ("sources", cmd_sources, "list the URL list's parts with their hashes (a new part reruns data)"),
+    ("sources", cmd_sources, "hash the URL list's parts and local model folders (a change reruns what reads them)"),
     ("data", cmd_data, "write the URL lists and download them with img2dataset into webdataset shards"),
     ("base-model", cmd_base_model, "resolve the base LLM, add the APT tokens, save safetensors"),
     ("cache", cmd_cache, "store the frozen trunk's hidden states for every unique caption"),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 # The files every stage writes in the metrics folder (params ``metrics_dir``).
 SOURCES = "sources.json"  # stage sources: the URL list parts and their hashes
+BASE_MODEL_SOURCE = "base_model_source.json"  # stage sources: the base LLM, a local folder by its content
+VISION_SOURCE = "vision_source.json"  # stage sources: a pretrained vision tower's content (sha256)
 DATA = "data.json"  # stage data: counts by split and by status class
 CACHE = "cache.json"  # stage cache: shards computed and reused, precision, speed
 TRAIN = "train.json"  # stage train: the TrainingSummary below

@@ -15,10 +15,20 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache.store import STORAGE, CacheFolder, ShardReader, ShardWriter, key_fields, open_active, text_digest
+from mpe.cache.store import (
+    STORAGE,
+    CacheCorrupt,
+    CacheFolder,
+    ShardReader,
+    ShardWriter,
+    key_fields,
+    open_active,
+    text_digest,
+)
 from mpe.data.tar_stream import captions as shard_captions
 from mpe.files import storage
 from mpe.files.hashing import checkpoint_sha256
+from mpe.files.verified import Record, signature
 from mpe.model.configuration import TextConfig
 from mpe.model.text.lm_io import load_lm
 from mpe.model.text.prompt_sequence import PromptLayout, build_batch, build_layout, tokenize_captions
@@ -99,15 +109,52 @@ def data_shard_identity(data_url: str) -> dict[str, str]:
     return {"data_shard": storage.name(data_url), "data_size": str(storage.size(data_url)), "data_index_sha256": index}
 
 
-def is_current(cache_url: str, identity: dict[str, str]) -> bool:
-    """Whether the cache shard exists, reads back, and was built from this very data shard."""
-    if not storage.exists(cache_url):
-        return False
-    try:
+TEXTS_IDENTITY = {"data_shard": "", "data_size": "0", "data_index_sha256": ""}  # a shard of evaluation texts
+
+
+class ShardCheck:
+    """The state of cache shards against the data they were built from, one folder's verification record
+    at a time: ``check`` says ``current``, ``missing``, ``stale`` (built from other data) or ``damaged``
+    (unreadable, or bytes that fail their checksums). A shard's states are read in full only when the
+    file changed since it was last verified (:mod:`mpe.files.verified`); call ``save`` at the end."""
+
+    def __init__(self):
+        self.records: dict[str, Record] = {}
+        self.damage: dict[str, str] = {}  # url -> the error that names the damage
+
+    def _record(self, url: str) -> Record:
+        folder = storage.parent(url)
+        if folder not in self.records:
+            self.records[folder] = Record(folder)
+        return self.records[folder]
+
+    def check(self, cache_url: str, identity: dict[str, str]) -> str:
+        if not storage.exists(cache_url):
+            return "missing"
+        record = self._record(cache_url)
+        try:
+            before = signature(cache_url)
+            with ShardReader(cache_url) as r:
+                if not all(r.metadata.get(k) == v for k, v in identity.items()):
+                    return "stale"
+                if not record.holds(cache_url, r.digest):
+                    r.verify()
+                    record.add(cache_url, r.digest, before)
+        except CacheCorrupt as err:
+            record.drop(cache_url)
+            self.damage[cache_url] = str(err)
+            return "damaged"
+        return "current"
+
+    def written(self, cache_url: str) -> None:
+        """Record a shard this process has just written as verified."""
+        before = signature(cache_url)
         with ShardReader(cache_url) as r:
-            return all(r.metadata.get(k) == v for k, v in identity.items())
-    except Exception:  # unreadable: rebuilt like a missing one
-        return False
+            self._record(cache_url).add(cache_url, r.digest, before)
+
+    def save(self) -> None:
+        for record in self.records.values():
+            record.save()
 
 
 @dataclass
@@ -208,7 +255,7 @@ def cache_texts(
         out_url,
         shard,
         storage_dtype,
-        {"data_shard": "", "data_size": "0", "data_index_sha256": ""},
+        TEXTS_IDENTITY,
         batch_size,
         autocast,
         progress,

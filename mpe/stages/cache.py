@@ -13,12 +13,13 @@ import torch
 from tqdm import tqdm
 
 from mpe.cache.compute import (
+    TEXTS_IDENTITY,
+    ShardCheck,
     cache_data_shard,
     cache_fields,
     cache_texts,
     data_shard_identity,
     estimate_bytes,
-    is_current,
     load_trunk_tower,
     trunk_info,
 )
@@ -30,6 +31,7 @@ from mpe.data.stats import verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
 from mpe.files.atomic import write_json
+from mpe.files.verified import RECORD
 from mpe.records import CACHE, metrics_file
 from mpe.runtime.precision import autocast_dtype, dtype_name
 
@@ -70,13 +72,18 @@ def run(params: Params) -> dict:
     data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)
     if not data_shards:
         raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
+    for sub in ("train", "texts"):
+        storage.remove_stale_temporaries(storage.join(folder.url, sub), keep=(RECORD,))
+    # a shard built from other data, or damaged since it was written (checksums), is computed again
+    check = ShardCheck()
     jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
-    jobs = [(d, out) for d, out in jobs if not is_current(out, data_shard_identity(d))]
+    jobs = [(d, out) for d, out in jobs if check.check(out, data_shard_identity(d)) != "current"]
     eval_texts = list(dict.fromkeys(evaluation_texts(data_root)))
     texts_out = folder.texts_url(eval_texts)
-    texts_job = [] if storage.exists(texts_out) else [(eval_texts, texts_out)]
-    for sub in ("train", "texts"):
-        storage.remove_stale_temporaries(storage.join(folder.url, sub))
+    texts_job = [] if check.check(texts_out, TEXTS_IDENTITY) == "current" else [(eval_texts, texts_out)]
+    check.save()
+    for damage in check.damage.values():
+        print(f"cache: recomputing a damaged shard: {damage.split('; ')[0]}", flush=True)
 
     est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
     _announce(est, cfg.dtype, cfg.warn_gb)
@@ -93,6 +100,9 @@ def run(params: Params) -> dict:
         for t, out in texts_job:
             computed += cache_texts(tower, t, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
     bar.close()
+    for _, out in jobs + texts_job:
+        check.written(out)
+    check.save()
     folder.write_active()
     summary = {
         "folder": folder.url,
@@ -103,6 +113,7 @@ def run(params: Params) -> dict:
         "shards_computed": len(jobs),
         "shards_reused": len(data_shards) - len(jobs),
         "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
+        "damaged_shards": sorted(storage.name(url) for url in check.damage),  # recomputed: they failed their checksums
         "texts_computed": computed,
         "skipped_corrupt_shards": corrupt,
         "compute_seconds": round(time.perf_counter() - started, 2),

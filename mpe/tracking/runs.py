@@ -51,10 +51,10 @@ def start_run(
     return run.info.run_id
 
 
-def end_run() -> None:
+def end_run(status: str = "FINISHED") -> None:
     import mlflow
 
-    mlflow.end_run()
+    mlflow.end_run(status)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -113,9 +113,13 @@ OUTPUTS = ("data", "cache", "models/base", "models/trained")
 
 def _snapshot(root: Path) -> dict[str, str]:
     from mpe.files.hashing import file_sha256
+    from mpe.files.verified import RECORD  # this machine's verification record: not data, not in DVC
 
     return {
-        str(p.relative_to(root)): file_sha256(p) for d in OUTPUTS for p in sorted((root / d).rglob("*")) if p.is_file()
+        str(p.relative_to(root)): file_sha256(p)
+        for d in OUTPUTS
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file() and p.name != RECORD
     }
 
 

@@ -113,16 +113,15 @@ def test_logged_pyfunc_embeds_text_and_images_like_the_model(trained):
         pyfunc.predict(pd.DataFrame({"text": [None], "image": [None]}))
 
 
-def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
+def test_rerun_with_the_same_inputs_resumes(trained, tiny_base_dir):
     from mpe.stages.train import run as run_train_stage
 
     root, _, _ = trained
-    data = small_params(root, tiny_base_dir, train={"max_steps": 8})
+    # what is checkpointed and logged, not what a step computes: the finished run is resumed, nothing is left
+    data = small_params(root, tiny_base_dir, train={"checkpoint_every": 3, "log_every": 2})
     summary = run_train_stage(load_params(write_params(root, data)))
-    assert summary["restored_from_step"] == 6 and summary["steps"] == 8
     assert summary["ray_run_name"] == trained[2]["ray_run_name"]
-    again = run_train_stage(load_params(write_params(root, data)))  # nothing left to train: the summary says so
-    assert again["restored_from_step"] == 8 and again["steps"] == 8
+    assert summary["restored_from_step"] == 6 and summary["steps"] == 6
 
 
 def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
@@ -130,11 +129,16 @@ def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
 
     root, params = project
 
-    def fp(train):
-        return run_fingerprint(params.seed, params.model, train, params.base_model, None, None)
+    def fp(train, steps=6, model_files=None):
+        return run_fingerprint(
+            params.seed, params.model, train, params.base_model, None, None, steps=steps, model_files=model_files
+        )
 
     assert fp(params.train.model_copy(update={"lr": 1e-3})) != fp(params.train)
-    assert fp(params.train.model_copy(update={"max_steps": 99})) == fp(params.train)
+    assert fp(params.train, steps=99) != fp(params.train)  # the schedule: a new total of steps
+    assert fp(params.train, model_files={"vision": "a"}) != fp(params.train, model_files={"vision": "b"})
+    kept = {"checkpoint_every": 1, "log_every": 3, "keep_checkpoints": 5, "max_steps": 6, "epochs": 3.0}
+    assert fp(params.train.model_copy(update=kept)) == fp(params.train)  # the same steps, computed the same
 
 
 def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
