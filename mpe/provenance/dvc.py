@@ -91,9 +91,9 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
         raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + text)
 
 
-def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:
-    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed."""
-    _dvc(["repro", "--single-item", stage], project, log)
+def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print, force: bool = False) -> None:
+    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed (or ``force``)."""
+    _dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project, log)
 
 
 def push(project: Path, remote: str | None = None, log: Callable[[str], None] = print) -> None:

@@ -12,7 +12,7 @@ import torch
 from mpe.cache.compute import data_shard_identity, is_current, open_cache
 from mpe.cache.store import CacheFolder
 from mpe.config import Params
-from mpe.data.stats import read_stats, verified_shards
+from mpe.data.stats import data_identity, read_stats, verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
 from mpe.files.atomic import atomic_path, write_json
@@ -83,7 +83,8 @@ def run(params: Params) -> dict:
         else scratch()
     )
     run_name = effective_run_name(
-        tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model, stats, fields, start)
+        tcfg.run_name,
+        run_fingerprint(params.seed, params.model, tcfg, params.base_model, data_identity(stats), fields, start),
     )
     ray_storage = Path(tcfg.storage_path).resolve()
     init_file = None

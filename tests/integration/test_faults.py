@@ -63,6 +63,29 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
     assert stats["repaired_shards"] == {"train": [shard.name]} and file_sha256(shard) == original
 
 
+def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_model(project, tmp_path):
+    """Repairing a truncated shard restores the same data: the training run's identity (its fingerprint)
+    does not change, so the rerun resumes the finished run and writes the same model, not a new one."""
+    from mpe.stages import data
+
+    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+    data.run(load_params(params))
+    first = _mpe(params, "train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
+    shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    assert data.run(load_params(params))["repaired_shards"] == {"train": [shard.name]}
+    again = _mpe(params, "train")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert after["ray_run_name"] == before["ray_run_name"]
+    assert after["restored_from_step"] == after["steps"] == 2  # the finished run, resumed: nothing retrained
+    assert {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()} == model
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp_path):
     params = copy_project(project, tmp_path, train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2})
     assert _mpe(params, "train").returncode == 0
