@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -508,18 +509,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        how = "stopped by SIGTERM" if terminated_by() else "interrupted"
+        how = f"stopped by {signal.Signals(terminated_by()).name}" if terminated_by() else "interrupted"
         print(f"mpe {args.command}: {how}; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return stopped()
     except Exception as err:
         message = user_message(err)
         if message is None or args.debug:
             raise
+        if isinstance(err, Interrupted):
+            how = f"stopped by {signal.Signals(terminated_by()).name}: " if terminated_by() else ""
+            print(f"mpe {args.command}: {how}{message}", file=sys.stderr)
+            return stopped()
         print(
             f"mpe {args.command}: error: {message}" + ("" if "\n" in message else " (--debug shows the traceback)"),
             file=sys.stderr,
         )
-        return stopped() if isinstance(err, Interrupted) else 2
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mpe.errors import Interrupted, MpeError
+from mpe.runtime.lifeline import record_signal
 
 
 class DvcError(MpeError):
@@ -75,8 +76,13 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                     tail.append(line)
                     log(line)
         proc.wait()
-    except KeyboardInterrupt:
-        _stop(proc)
+    except BaseException as err:
+        _stop(proc)  # whatever ends the wait ends DVC and its stage too: nothing runs on in its own session
+        signum = getattr(err, "signal", None)  # SIGTERM inside a flow: Prefect raises its TerminationSignal
+        if not isinstance(err, KeyboardInterrupt) and not isinstance(signum, int):
+            raise
+        if signum:
+            record_signal(signum)
         raise Interrupted(
             f"interrupted `dvc {' '.join(args)}`; finished work is kept (checkpoints, cache shards) "
             "and the next run resumes it"

@@ -196,6 +196,13 @@ def terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def record_signal(signum: int) -> None:
+    """Note that a signal stopped the command, where another handler caught it (Prefect's own SIGTERM handler
+    while a flow runs), so the command's last line and exit status name it."""
+    if not _terminated:
+        _terminated.append(signum)
+
+
 def terminated_by() -> int | None:
     """The signal that stopped this command through :func:`terminate_as_interrupt`, if one did."""
     return _terminated[0] if _terminated else None
