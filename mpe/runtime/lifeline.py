@@ -64,9 +64,24 @@ def _owners() -> dict[int, str]:
 
 
 def marked(token: str) -> list[int]:
-    """The live processes that carry ``token``'s mark (this process excluded)."""
-    me = os.getpid()
-    return [pid for pid, t in _owners().items() if t == token and pid != me and (_stat(pid) or ["Z"])[0] != "Z"]
+    """The live processes that carry ``token``'s mark, and every process below them (one that rewrote its
+    environment with its process title, as Ray's workers do, no longer shows the mark); this process
+    excluded."""
+    parents = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(d.name))
+        if fields and fields[0] != "Z":
+            parents[int(d.name)] = int(fields[1])
+    found = {pid for pid, t in _owners().items() if t == token and pid in parents}
+    todo = list(found)
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    found.discard(os.getpid())
+    return sorted(found)
 
 
 def _ignores(pid: int, sig: int) -> bool:

@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -268,3 +269,39 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
     assert summary["steps"] == 12 and summary["restored_from_step"] >= 2
     time.sleep(2)
     assert _ray_processes(temp_dir) == []  # the orphans were stopped, and the rerun's cluster ended with it
+
+
+def test_another_ray_cluster_on_the_machine_is_left_alone_and_does_not_disturb_training(project, tmp_path):
+    """A Ray cluster someone else started on this machine (`ray start --head`): `mpe train` starts and ends
+    its own local cluster beside it, with no error or traceback, and the other cluster keeps running."""
+    from mpe.runtime.loopback import free_port
+    from tests.session_temp import _processes_naming
+
+    foreign = Path(tempfile.mkdtemp(prefix="rf-", dir=os.environ.get("MPE_TEST_TMPDIR")))  # short: socket paths
+    ray = str(BIN / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false"]
+    out = subprocess.run(
+        [*start, "--temp-dir", str(foreign), "--node-ip-address", "127.0.0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        theirs = _processes_naming(foreign)
+        assert theirs
+        params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+        run = _mpe(params, "train")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Found multiple active Ray instances" not in run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+        assert json.loads((tmp_path / "metrics" / "train.json").read_text())["steps"] == 2
+        assert set(theirs) <= set(_processes_naming(foreign))  # the other cluster was not touched
+    finally:
+        for pid in _processes_naming(foreign):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
