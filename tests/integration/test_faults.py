@@ -70,7 +70,8 @@ def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_m
     from mpe.stages import data
 
     params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
-    data.run(load_params(params))
+    data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
+    assert _mpe(params, "cache").returncode == 0
     first = _mpe(params, "train")
     assert first.returncode == 0, first.stderr[-3000:]
     before = json.loads((tmp_path / "metrics" / "train.json").read_text())
