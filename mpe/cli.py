@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mpe import __version__
@@ -180,6 +182,8 @@ def cmd_tracking_server(args) -> None:
     if args.action == "start":
         state = tracking_server.start(args.dir, args.port, args.os_user, args.workers)
         how = "already running" if state["already_running"] else "started"
+        if state["repaired"]:
+            how = f"restarted ({'; '.join(state['repaired'])})"
         print(
             f"MLflow tracking server {how}: {state['tracking_uri']} (PostgreSQL on 127.0.0.1:{state['pg_port']}, "
             f"pid {state['pid']}, logs and artifacts in {args.dir}/)\n"
@@ -194,6 +198,13 @@ def cmd_tracking_server(args) -> None:
             print(f"not running ({args.dir})")
             raise SystemExit(3)
         _print_json(state)
+        if not state["healthy"]:
+            print(
+                f"mpe tracking-server: unhealthy: {'; '.join(state['problems'])}; "
+                f"`mpe tracking-server start --dir {args.dir}` restarts it, `stop` ends every process listed",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 def cmd_serve(args) -> None:
@@ -217,6 +228,7 @@ def cmd_ui(args) -> None:
     from mpe.tracking.settings import tracking_settings
 
     settings = tracking_settings(params.mlflow)
+    _own_children()
     user_interfaces(settings.tracking_uri, settings.artifact_location, args.mlflow_port, args.prefect_port)
 
 
@@ -224,6 +236,7 @@ def cmd_experiments_run(args) -> None:
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 
+    _own_children()
     with project_lock(".", wait=0), prefect_server():
         experiment_suite = load_flow(".", "experiments.py:experiment_suite")
         print(experiment_suite(args.name, args.form, ".", args.only or None))
@@ -260,11 +273,20 @@ def _write_overrides(args, path: Path) -> None:
             print(line, file=sys.stderr)
 
 
+def _own_children() -> None:
+    """What this command starts (Prefect's server, DVC, the stages and their Ray cluster) ends with it, even
+    when it is killed; what an earlier, killed command left is stopped first (``mpe.runtime.lifeline``)."""
+    from mpe.runtime.lifeline import own
+
+    own(say=lambda m: print(m, file=sys.stderr))
+
+
 def cmd_run(args) -> None:
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 
     path = _project_params(args)
+    _own_children()
     # taken before Prefect starts, so a second run is refused (or waits) at once
     with project_lock(".", wait=args.wait, say=lambda m: print(m, file=sys.stderr)):
         _write_overrides(args, path)
@@ -304,6 +326,8 @@ def cmd_schedule(args) -> None:
     _write_overrides(args, path)
     schedule = _params(args).schedule
     from mpe.runtime.prefect_server import load_flow, serve_on_schedule
+
+    _own_children()
 
     serve_on_schedule(
         load_flow(".", "retrain.py:retrain"),
@@ -474,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mpe.errors import user_message
+    from mpe.runtime.lifeline import terminate_as_interrupt, terminated_by
     from mpe.runtime.telemetry import disable_telemetry
 
     disable_telemetry()
@@ -481,22 +506,31 @@ def main(argv: list[str] | None = None) -> int:
     _merge_common(args)
     if args.tracking_uri:  # for this command and every stage it runs (their own resolver reads it)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if argv is None and threading.current_thread() is threading.main_thread():  # the command, not a caller's test
+        terminate_as_interrupt()  # `kill`, `timeout`, a scheduler's stop: a Ctrl-C, finished work kept
+
+    def stopped() -> int:  # 130 for a Ctrl-C, 128 + the signal for SIGTERM, as a shell reports them
+        return 128 + terminated_by() if terminated_by() else 130
+
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print(
-            f"mpe {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr
-        )
-        return 130
+        how = f"stopped by {signal.Signals(terminated_by()).name}" if terminated_by() else "interrupted"
+        print(f"mpe {args.command}: {how}; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return stopped()
     except Exception as err:
         message = user_message(err)
         if message is None or args.debug:
             raise
+        if isinstance(err, Interrupted):
+            how = f"stopped by {signal.Signals(terminated_by()).name}: " if terminated_by() else ""
+            print(f"mpe {args.command}: {how}{message}", file=sys.stderr)
+            return stopped()
         print(
             f"mpe {args.command}: error: {message}" + ("" if "\n" in message else " (--debug shows the traceback)"),
             file=sys.stderr,
         )
-        return 130 if isinstance(err, Interrupted) else 2
+        return 2
     return 0
 
 

@@ -87,6 +87,13 @@ class DataConfig(StrictConfig):
         lt=1,
         description="url_list only: rows kept for evaluation, chosen by a hash of the URL (stable as parts are added)",
     )
+    test_parts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="url_list only: the parts (file names or stems) whose hash-chosen rows make the test split; "
+        "every row of the other parts trains. null: every part adds test rows, so the test split grows as parts "
+        "are added",
+    )
     filters: MetadataFilterConfig = MetadataFilterConfig()
     out_dir: str = "data"
     image_size: int = Field(64, ge=8)
@@ -114,6 +121,8 @@ class DataConfig(StrictConfig):
     def _check(self) -> DataConfig:
         if self.source == "url_list" and not self.url_list:
             raise ValueError("source 'url_list' needs url_list: a parquet or csv path")
+        if self.test_parts is not None and self.source != "url_list":
+            raise ValueError("test_parts: only a url_list source has parts (the shapes world has its own test split)")
         return self
 
 

@@ -39,6 +39,11 @@ class ServiceError(MpeError):
     why and where its log is."""
 
 
+class TrackingError(MpeError):
+    """The MLflow tracking store cannot be used (a damaged SQLite file, a server that does not answer); the
+    message names it and what to do."""
+
+
 class Interrupted(MpeError):
     """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
 

@@ -123,15 +123,26 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
 
 def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path]], dict]:
     """Each part of a user URL list filtered by its metadata and split into train and test by a hash of
-    the URL; returns ``{part: {split: list file}}`` (a split a part has no row of is left out) and a report
-    per part."""
+    the URL (only the parts of ``data.test_parts`` add test rows, when it is set); returns ``{part: {split:
+    list file}}`` (a split a part has no row of is left out) and a report per part."""
     lists: dict[str, dict[str, Path]] = {}
     report: dict[str, dict] = {}
-    for path in list_parts(cfg.url_list):
+    parts = list_parts(cfg.url_list)
+    test_parts = None if cfg.test_parts is None else {Path(name).stem for name in cfg.test_parts}
+    unknown = sorted((test_parts or set()) - {p.stem for p in parts})
+    if unknown:
+        raise DataError(
+            f"data.test_parts: no part named {', '.join(unknown)} in {cfg.url_list} "
+            f"(its parts: {', '.join(p.stem for p in parts)})"
+        )
+    for path in parts:
         df, rep = read_url_list(path, cfg.url_col, cfg.caption_col, cfg.encoding)
         df, rep["filtered"] = filter_rows(df, cfg.filters, path)
         df["id"] = [f"{path.stem}:{i}" for i in range(len(df))]
-        test = evaluation_rows(df["URL"], cfg.test_fraction)
+        if test_parts is None or path.stem in test_parts:
+            test = evaluation_rows(df["URL"], cfg.test_fraction)
+        else:  # a pinned evaluation set: this part trains only
+            test = pd.Series(False, index=df.index)
         lists[path.stem] = {}
         for split, rows in (("train", df[~test]), ("test", df[test])):
             rep[split] = int(len(rows))

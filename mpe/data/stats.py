@@ -66,6 +66,19 @@ def read_stats(out: str | Path) -> dict:
     return json.loads(storage.read_bytes(url))
 
 
+def data_identity(stats: dict) -> dict:
+    """What the data is, for a training run's identity: the source, and each split's counts and shards (names,
+    sizes, sha256). Not how it came to be so: the shards a rerun repaired, the parts it downloaded or kept,
+    which change nothing a model trains on (a shard repaired to its recorded bytes is the same data)."""
+    return {
+        "source": stats.get("source"),
+        "splits": {
+            split: {k: s[k] for k in ("count", "successes", "shards") if k in s}
+            for split, s in sorted((stats.get("splits") or {}).items())
+        },
+    }
+
+
 def shard_manifest(folder: str | Path) -> dict[str, dict]:
     """``{shard name: {"size", "sha256"}}`` of the finished shards in ``folder``: what later stages check.
     Each shard is recorded as verified as it is hashed, so the next stage start does not read it again."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from mpe.errors import Interrupted, MpeError
+from mpe.runtime.lifeline import record_signal
 
 
 class DvcError(MpeError):
@@ -75,8 +76,13 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                     tail.append(line)
                     log(line)
         proc.wait()
-    except KeyboardInterrupt:
-        _stop(proc)
+    except BaseException as err:
+        _stop(proc)  # whatever ends the wait ends DVC and its stage too: nothing runs on in its own session
+        signum = getattr(err, "signal", None)  # SIGTERM inside a flow: Prefect raises its TerminationSignal
+        if not isinstance(err, KeyboardInterrupt) and not isinstance(signum, int):
+            raise
+        if signum:
+            record_signal(signum)
         raise Interrupted(
             f"interrupted `dvc {' '.join(args)}`; finished work is kept (checkpoints, cache shards) "
             "and the next run resumes it"
@@ -91,9 +97,9 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
         raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + text)
 
 
-def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:
-    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed."""
-    _dvc(["repro", "--single-item", stage], project, log)
+def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print, force: bool = False) -> None:
+    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed (or ``force``)."""
+    _dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project, log)
 
 
 def push(project: Path, remote: str | None = None, log: Callable[[str], None] = print) -> None:

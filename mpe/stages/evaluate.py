@@ -28,8 +28,17 @@ from mpe.files.atomic import write_json
 from mpe.model.configuration import ModelConfig
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
 from mpe.model.text.tower import LLMTextTower
-from mpe.records import EVAL, TRAIN_HISTORY, metrics_file, read_metrics, report_sections, to_mlflow, training_run_id
-from mpe.tracking.runs import log_to_run
+from mpe.records import (
+    EVAL,
+    TRAIN,
+    TRAIN_HISTORY,
+    metrics_file,
+    read_metrics,
+    report_sections,
+    to_mlflow,
+    training_run_id,
+)
+from mpe.tracking.runs import log_to_run, require_run
 from mpe.tracking.settings import tracking_settings
 
 
@@ -50,6 +59,8 @@ def run(params: Params) -> dict:
     for split in {"test", *params.evaluate.splits}:
         verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
     benchmarks = read_benchmarks(params.evaluate.benchmarks)  # a missing or malformed file fails before models load
+    run_id = training_run_id(params.metrics_dir)
+    require_run(tracking_settings(params.mlflow), run_id, metrics_file(params.metrics_dir, TRAIN))  # before the work
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     cache = None
     if params.cache.enabled and isinstance(trained.text, LLMTextTower):
@@ -97,7 +108,6 @@ def run(params: Params) -> dict:
         plots / "prompt_maps.png",
     )
 
-    run_id = training_run_id(params.metrics_dir)
     if run_id:
         log_to_run(
             tracking_settings(params.mlflow), run_id, to_mlflow(report_sections(report)), sorted(plots.glob("*.png"))

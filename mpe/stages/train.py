@@ -12,7 +12,7 @@ import torch
 from mpe.cache.compute import ShardCheck, data_shard_identity, open_cache
 from mpe.cache.store import CacheCorrupt, CacheFolder
 from mpe.config import Params
-from mpe.data.stats import read_stats, verified_shards
+from mpe.data.stats import data_identity, read_stats, verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
 from mpe.files.atomic import atomic_path, write_json
@@ -101,7 +101,9 @@ def run(params: Params) -> dict:
     model_files = _model_files(base_dir, fields, params.model.vision.pretrained)
     run_name = effective_run_name(
         tcfg.run_name,
-        run_fingerprint(params.seed, params.model, tcfg, params.base_model, stats, fields, start, total, model_files),
+        run_fingerprint(
+            params.seed, params.model, tcfg, params.base_model, data_identity(stats), fields, start, total, model_files
+        ),
     )
     ray_storage = Path(tcfg.storage_path).resolve()
     # one decision for every rank, taken here once per run (a resumed run keeps the one it started with):

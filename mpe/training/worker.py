@@ -108,13 +108,18 @@ class _RankZeroTracking:
         if not self.active:
             return
         settings = TrackingSettings(**job.tracking)
+        recorded = state.get("mlflow_run_id")
         state["mlflow_run_id"] = start_run(
             settings,
-            state.get("mlflow_run_id"),
+            recorded,
             job.run_name,
             job.logged_params,
             {"ray_run_name": job.run_name, "mpe.stage": "train", **job.run_tags},
         )
+        if recorded and state["mlflow_run_id"] != recorded:  # a new store: the steps trained so far go to it
+            for row in state["history"]:
+                if row["step"] % job.train_cfg.log_every == 0:
+                    log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if state["restored_from_step"] is not None:
             log_metrics({"restored_from_step": state["restored_from_step"]}, step=state["step"])
 

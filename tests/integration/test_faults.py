@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,6 +62,30 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
     assert summary["skipped_corrupt_shards"] == [shard.name]
     stats = data.run(load_params(params))  # the data stage downloads the shard again
     assert stats["repaired_shards"] == {"train": [shard.name]} and file_sha256(shard) == original
+
+
+def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_model(project, tmp_path):
+    """Repairing a truncated shard restores the same data: the training run's identity (its fingerprint)
+    does not change, so the rerun resumes the finished run and writes the same model, not a new one."""
+    from mpe.stages import data
+
+    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+    data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
+    assert _mpe(params, "cache").returncode == 0
+    first = _mpe(params, "train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
+    shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    assert data.run(load_params(params))["repaired_shards"] == {"train": [shard.name]}
+    again = _mpe(params, "train")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert after["ray_run_name"] == before["ray_run_name"]
+    assert after["restored_from_step"] == after["steps"] == 2  # the finished run, resumed: nothing retrained
+    assert {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()} == model
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp_path):
@@ -243,3 +268,39 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
     assert summary["steps"] == 12 and summary["restored_from_step"] >= 2
     time.sleep(2)
     assert _ray_processes(temp_dir) == []  # the orphans were stopped, and the rerun's cluster ended with it
+
+
+def test_another_ray_cluster_on_the_machine_is_left_alone_and_does_not_disturb_training(project, tmp_path):
+    """A Ray cluster someone else started on this machine (`ray start --head`): `mpe train` starts and ends
+    its own local cluster beside it, with no error or traceback, and the other cluster keeps running."""
+    from mpe.runtime.loopback import free_port
+    from tests.session_temp import _processes_naming
+
+    foreign = Path(tempfile.mkdtemp(prefix="rf-", dir=os.environ.get("MPE_TEST_TMPDIR")))  # short: socket paths
+    ray = str(BIN / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false"]
+    out = subprocess.run(
+        [*start, "--temp-dir", str(foreign), "--node-ip-address", "127.0.0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        theirs = _processes_naming(foreign)
+        assert theirs
+        params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+        run = _mpe(params, "train")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Found multiple active Ray instances" not in run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+        assert json.loads((tmp_path / "metrics" / "train.json").read_text())["steps"] == 2
+        assert set(theirs) <= set(_processes_naming(foreign))  # the other cluster was not touched
+    finally:
+        for pid in _processes_naming(foreign):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpe.records import flat_name, from_mlflow, short_name
+from mpe.tracking.runs import check_store
 from mpe.tracking.settings import TrackingSettings
 
 # the sections of a run's metrics a suite's report reads (mpe.records.SECTIONS)
@@ -30,6 +31,7 @@ def collect(settings: TrackingSettings, suite: str, form: str) -> dict[str, Cell
     """The finished runs of ``suite``/``form`` in the tracking store, by cell and seed (latest run wins)."""
     import mlflow
 
+    check_store(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
