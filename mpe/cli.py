@@ -198,7 +198,7 @@ def cmd_serve(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars")
+        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars", "max_request_megapixels")
         if getattr(args, k) is not None
     }
     cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
@@ -447,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=_positive(float), help="request body limit in MiB (default: params serve)")
     sv.add_argument("--max-rows", type=_positive(int), help="rows per request (default: params serve.max_rows)")
     sv.add_argument("--max-caption-chars", type=_positive(int), help="longest caption accepted (default: params serve)")
+    sv.add_argument(
+        "--max-request-megapixels",
+        type=_positive(float),
+        help="decoded pixels of a request's images together, in millions (default: params serve)",
+    )
     ui = command("ui", cmd_ui, "the MLflow and Prefect UIs on 127.0.0.1 (Ctrl-C stops both)")
     ui.add_argument("--mlflow-port", type=_positive(int), default=5000)
     ui.add_argument("--prefect-port", type=_positive(int), default=4200)

@@ -306,6 +306,12 @@ class ServeConfig(StrictConfig):
     max_body_mb: float = Field(16.0, gt=0, description="request body limit (413 above it)")
     max_rows: int = Field(256, ge=1, description="rows per request")
     max_caption_chars: int = Field(2000, ge=1, description="longer captions are refused (400), not truncated")
+    max_request_megapixels: float = Field(
+        128.0,
+        gt=0,
+        description="decoded pixels of all a request's images together, in millions, read from their headers "
+        "before any is decoded (400 above); each image is also at most 4096x4096",
+    )
 
 
 class Params(StrictConfig):

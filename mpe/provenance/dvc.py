@@ -19,7 +19,11 @@ from mpe.errors import Interrupted, MpeError
 
 
 class DvcError(MpeError):
-    """A DVC command failed; the message holds its last lines."""
+    """A DVC command failed; the message is the line that says why, ``output`` its last lines."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 def stage_names(project: Path) -> list[str]:
@@ -49,6 +53,28 @@ def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+_MPE_ERROR = re.compile(r"^mpe [\w-]+: (error|interrupted)")
+_OS_ERROR = re.compile(r"\[Errno (\d+)\] [^:']+(?:: '([^']+)')?")
+
+
+def failure_line(lines: list[str]) -> str:
+    """The one line that says why a DVC command failed, from its last lines: a stage's own ``mpe`` error
+    (which names the file and what to do), else an OS error DVC hit itself (a full disk, a read-only or
+    busy folder: named with its path), else DVC's last ``ERROR:`` line, else the last line."""
+    mpe_lines = [line for line in lines if _MPE_ERROR.match(line)]
+    if mpe_lines:
+        return mpe_lines[-1].removesuffix(" (--debug shows the traceback)")
+    for line in reversed(lines):
+        if found := _OS_ERROR.search(line):
+            code, path = int(found[1]), found[2]
+            advice = {28: "free some space", 30: "remount it writable", 16: "mount volumes one level up"}
+            return f"{path or 'a file'}: {os.strerror(code).lower()} (DVC's own write)" + (
+                f"; {advice[code]} and rerun (finished work is kept)" if code in advice else ""
+            )
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["no output"])[-1].strip()
 
 
 def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> None:
@@ -88,7 +114,11 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                 f"{project}: another DVC command (or `mpe run`) holds the project's lock; wait for it "
                 "to finish, or if none is running remove .dvc/tmp/rwlock and .dvc/tmp/lock"
             )
-        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + text)
+        raise DvcError(
+            f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}: {failure_line(list(tail))}"
+            " (its output is above)",
+            text,
+        )
 
 
 def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:

@@ -104,7 +104,7 @@ def reproduce(
     try:
         pull(project, targets, remote, log)
     except DvcError as err:
-        missing = _missing(str(err)) or [model_dir if only_model else "the outputs of dvc.lock"]
+        missing = _missing(err.output) or [model_dir if only_model else "the outputs of dvc.lock"]
         raise ReproduceError(
             f"model '{name}' version {mv.version}: the DVC remote '{remote or 'default'}' lacks "
             f"{', '.join(missing[:5])}; push them from a machine that has them "
