@@ -120,6 +120,24 @@ def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path
     )
 
 
+def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tmp_path, tiny_base_dir):
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    config = model / "mpe_config.json"
+    meta = json.loads(config.read_text())
+    meta["model"]["embed_dim"] *= 2  # valid on its own, but not the shape the weights were saved with
+    config.write_text(json.dumps(meta))
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--text-file", "t.txt", "--out", "t.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
+
+
 def _immutable(folder: Path) -> bool:
     return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
 
