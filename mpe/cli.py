@@ -83,6 +83,13 @@ def cmd_data(args) -> None:
     stats = data.run(params)
     for split, s in stats["splits"].items():
         print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
+    for part, rep in stats.get("url_list_report", {}).items():
+        if rep.get("repeated_url_rows"):
+            print(
+                f"{part}: {rep['repeated_url_rows']} of {rep['train'] + rep['test']} rows repeat a URL of an "
+                f"earlier row ({rep['distinct_urls']} distinct URLs; first: {rep['repeated_urls'][0]}); each row "
+                "is kept as a sample, and a URL's rows stay in one split (metrics/data.json url_list_report)"
+            )
 
 
 def cmd_base_model(args) -> None:

@@ -139,10 +139,22 @@ def url_fraction(url: str) -> float:
 
 def evaluation_rows(urls: pd.Series, fraction: float) -> pd.Series:
     """Which rows of a part are kept for evaluation: those whose URL hash falls below ``fraction``, so a row's
-    split never depends on the other rows or parts. A part of two or more rows where no hash does gives
-    its lowest-hash row, so every part adds to the evaluation set."""
+    split never depends on the other rows or parts, and every row of one URL is on the same side. A part
+    of two or more distinct URLs where no hash does gives its lowest-hash URL (all of its rows), so every
+    part adds to the evaluation set."""
     where = urls.map(url_fraction)
     test = where < fraction
-    if len(urls) > 1 and not test.any():
-        test[where.idxmin()] = True
+    if urls.nunique() > 1 and not test.any():
+        test = where == where.min()  # the URL, not one of its rows: a repeat left in train would leak it
     return test
+
+
+def repeated_urls(urls: pd.Series) -> dict:
+    """How often a part repeats a URL: rows whose URL an earlier row has (each is kept: a row is a sample,
+    and a URL may carry several captions), the distinct URLs, and the first few repeated ones."""
+    repeats = urls.duplicated()
+    return {
+        "distinct_urls": int(urls.nunique()),
+        "repeated_url_rows": int(repeats.sum()),
+        "repeated_urls": [str(u) for u in urls[repeats].unique()[:5]],
+    }
