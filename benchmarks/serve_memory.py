@@ -57,6 +57,11 @@ def _body(rows: list[list]) -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["text", "image"], "data": rows}}).encode()
 
 
+def _post(client: httpx.Client, body: bytes) -> tuple[int, str]:
+    r = client.post("/invocations", content=body, headers={"content-type": "application/json"})
+    return r.status_code, r.text[:160] if r.status_code != 200 else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a model folder (mpe model init --out ...)")
@@ -95,12 +100,8 @@ def main() -> None:
                 _reset_peak(proc.pid)
                 t = time.perf_counter()
 
-                def one(_):
-                    r = client.post("/invocations", content=body, headers={"content-type": "application/json"})
-                    return r.status_code, r.text[:160] if r.status_code != 200 else ""
-
                 with ThreadPoolExecutor(args.concurrency) as pool:
-                    answers = list(pool.map(one, range(args.concurrency)))
+                    answers = list(pool.map(lambda b: _post(client, b), [body] * args.concurrency))
                 cases.append(
                     {
                         "rows": n,
@@ -118,10 +119,11 @@ def main() -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
     print(f"after loading and one small request: peak RSS {loaded:.0f} MB")
-    print("| rows of %d² PNG | body kB | concurrency | status | wall s | peak RSS MB |" % args.side)
+    print(f"| rows of {args.side}² PNG | body kB | concurrency | status | wall s | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for c in cases:
-        print(f"| {c['rows']} | {c['body_kb']} | {c['concurrency']} | {c['status']} | {c['wall_s']} | {c['peak_rss_mb']} |")
+        cells = [c["rows"], c["body_kb"], c["concurrency"], c["status"], c["wall_s"], c["peak_rss_mb"]]
+        print("| " + " | ".join(map(str, cells)) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"cmd": cmd[1:], "loaded_peak_rss_mb": round(loaded), "load_avg_1m": os.getloadavg()[0]}
