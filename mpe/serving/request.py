@@ -90,18 +90,24 @@ def _image_bytes(row: int, raw, transform: ImageTransform) -> tuple[bytes, int]:
         raise DataError(
             f"row {row}: 'image' is valid base64 but not an image PIL can read ({len(data)} bytes: {err})"
         ) from None
+    check_image_size(f"row {row}: 'image'", w, h, transform)
+    return data, w * h
+
+
+def check_image_size(what: str, w: int, h: int, transform: ImageTransform) -> None:
+    """Refuse, from its header, a picture that would cost more memory than the model can use: over
+    4096×4096 pixels, or so elongated that resizing it to the tower's input size is (a 1×16M strip is
+    resized to 32×536M before its centre is cut out)."""
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(
-            f"row {row}: 'image' is {w}×{h} pixels, over the limit of {MAX_IMAGE_PIXELS} (4096×4096); "
-            "downscale it first"
+            f"{what} is {w}×{h} pixels, over the limit of {MAX_IMAGE_PIXELS} (4096×4096); downscale it first"
         )
     rw, rh = transform.resized_size(w, h)
-    if rw * rh > MAX_IMAGE_PIXELS:  # a 1×16M strip is resized to 32×536M before its centre is cut out
+    if rw * rh > MAX_IMAGE_PIXELS:
         raise DataError(
-            f"row {row}: 'image' is {w}×{h} pixels, too elongated: the model's input is cut from it resized "
-            f"to {rw}×{rh}, over the limit of {MAX_IMAGE_PIXELS} pixels; crop it nearer to a square first"
+            f"{what} is {w}×{h} pixels, too elongated: the model's input is cut from it resized to {rw}×{rh}, "
+            f"over the limit of {MAX_IMAGE_PIXELS} pixels; crop it nearer to a square first"
         )
-    return data, w * h
 
 
 def _decoded(row: int, data: bytes, transform: ImageTransform) -> torch.Tensor:

@@ -138,6 +138,28 @@ def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tm
     _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
 
 
+def test_an_image_too_elongated_to_embed_is_refused_by_name_before_it_is_decoded(tmp_path, tiny_base_dir):
+    """A 1×16,777,216 PNG (16 kB, within 4096² pixels) is resized to 32×536,870,912 before its centre is cut
+    out: `mpe embed` used to end in a MemoryError traceback; now its header refuses it, naming the file."""
+    from PIL import Image
+
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(images / "a.png")
+    Image.new("L", (1, 4096 * 4096)).save(images / "strip.png")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--image-dir", "images", "--out", "i.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, "images/strip.png is 1×16777216 pixels, too elongated", "crop it")
+    assert not (tmp_path / "i.npy").exists()
+
+
 def _immutable(folder: Path) -> bool:
     return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
 
