@@ -82,3 +82,28 @@ def test_a_read_only_metrics_folder_is_one_line_and_refused_before_training(proj
         _one_line_error(_mpe(params, "train"), "metrics_dir", "read-only file system")
     assert not (tmp_path / "ray_results").exists()
     assert json.loads((metrics / "data.json").read_text()) == {"kept": True}
+
+
+def test_dvc_failure_line_names_the_full_or_read_only_folder_in_one_line(tmp_path, tiny_base_dir):
+    """`mpe run` runs each stage through `dvc repro`; a stage that fails on storage ends the run with one line:
+    the stage's own error (or the OS error DVC hit, with its path), not DVC's tail ending in a traceback."""
+    from mpe.provenance.dvc import DvcError, repro_stage
+    from tests.e2e.project import make_project, pipeline_params
+
+    proj, _ = make_project(tmp_path / "proj", pipeline_params(tiny_base_dir))
+    metrics = proj / "metrics"
+    with _tmpfs(metrics, "size=64k") as full:
+        with open(full / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:  # the disk is full before the stage writes
+                f.write(b"\0" * 4096)
+        with pytest.raises(DvcError) as err:
+            repro_stage("sources", proj, log=lambda line: None)
+        message = str(err.value)
+        assert "\n" not in message and "Traceback" not in message, message
+        assert "`dvc repro --single-item sources` failed" in message
+        assert "mpe sources: error:" in message and "sources.json: no space left on the device" in message, message
+    with _tmpfs(metrics, "size=64k", "ro"):
+        with pytest.raises(DvcError) as err:
+            repro_stage("sources", proj, log=lambda line: None)
+        message = str(err.value)
+        assert "\n" not in message and "read-only file system" in message and "sources.json" in message, message
