@@ -138,6 +138,29 @@ def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tm
     _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
 
 
+def test_a_damaged_or_missing_text_checkpoint_in_a_model_folder_is_one_line_naming_it(tmp_path, tiny_base_dir, capsys):
+    """transformers reads a missing folder as a hub id (and went online, ending in a traceback), and a
+    damaged tokenizer or config file as a JSONDecodeError or TypeError traceback."""
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    embed = ["embed", "--model", str(model), "--text-file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "t.npy")]
+    text_dir = model / "text_model"
+    for damage, phrase in (
+        (lambda: (text_dir / "tokenizer.json").write_text("{"), "not a loadable checkpoint (JSONDecodeError"),
+        (lambda: (text_dir / "config.json").write_text("[]"), "not a loadable checkpoint (TypeError"),
+        (lambda: shutil.rmtree(text_dir), "not a transformers checkpoint folder (the folder is missing)"),
+    ):
+        shutil.copytree(text_dir, tmp_path / "kept", dirs_exist_ok=True)
+        damage()
+        capsys.readouterr()
+        assert main(embed) == 2
+        err = capsys.readouterr().err
+        assert f"{text_dir}: {phrase}" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        shutil.rmtree(text_dir, ignore_errors=True)
+        shutil.copytree(tmp_path / "kept", text_dir)
+
+
 def test_an_image_too_elongated_to_embed_is_refused_by_name_before_it_is_decoded(tmp_path, tiny_base_dir):
     """A 1×16,777,216 PNG (16 kB, within 4096² pixels) is resized to 32×536,870,912 before its centre is cut
     out: `mpe embed` used to end in a MemoryError traceback; now its header refuses it, naming the file."""
