@@ -27,6 +27,13 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
     """A column as strings; bytes values (a binary parquet column) are decoded as UTF-8, and the first row
     that does not decode is named."""
     values = df[col]
+    odd = values.map(lambda v: v is not None and not isinstance(v, (str, bytes, bytearray, float, int)))
+    if odd.any():  # a list or a struct column would otherwise be written out as its repr
+        row = int(odd.to_numpy().nonzero()[0][0])
+        raise DataError(
+            f"{path}: column '{col}', row {row}: a list or structure ({type(values.iloc[row]).__name__}), "
+            "not text; the column must hold strings"
+        )
     if values.map(lambda v: isinstance(v, (bytes, bytearray))).any():
         decoded = []
         for i, v in enumerate(values):
@@ -63,6 +70,10 @@ def read_url_list(
     elif path.suffix in (".csv", ".tsv"):
         try:
             df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False, encoding=encoding)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:  # an unterminated quote, a ragged row
+            raise DataError(
+                f"{path}: not a readable {path.suffix[1:]} file ({str(err).strip()}); fix the row it names"
+            ) from None
         except UnicodeDecodeError:
             line, why = _first_undecodable_line(path, encoding)
             raise DataError(

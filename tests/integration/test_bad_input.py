@@ -150,3 +150,15 @@ def test_repeated_urls_are_counted_and_said_and_never_split_across_train_and_tes
     lists = {s: pd.read_parquet(tmp_path / "data" / "url_lists" / s / "l.parquet") for s in ("train", "test")}
     assert set(lists["train"]["URL"]).isdisjoint(lists["test"]["URL"])  # no test image is trained on
     assert (len(lists["train"]), len(lists["test"])) == (30, 10)
+
+
+def test_a_malformed_csv_and_a_caption_column_of_lists_are_named(tmp_path):
+    f = tmp_path / "list.csv"
+    f.write_text('URL,TEXT\nfile:///a.png,"an unterminated quote\nfile:///b.png,ok\n')
+    with pytest.raises(DataError, match=r"list.csv: not a readable csv file \(.*EOF inside string starting at row 1"):
+        read_url_list(f, "URL", "TEXT")
+    pd.DataFrame({"URL": ["file:///a.png", "file:///b.png"], "TEXT": [["ok"], ["a", "list"]]}).to_parquet(
+        tmp_path / "l.parquet"
+    )
+    with pytest.raises(DataError, match=r"l.parquet: column 'TEXT', row 0: a list or structure"):
+        read_url_list(tmp_path / "l.parquet", "URL", "TEXT")
