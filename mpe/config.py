@@ -144,7 +144,7 @@ class MlflowConfig(StrictConfig):
 
 class RayConfig(StrictConfig):
     address: str | None = Field(None, description="None: start a local cluster; 'auto' or ray://host:10001")
-    num_cpus: int | None = 2
+    num_cpus: int | None = Field(2, ge=1, description="CPUs of the local cluster (one per training worker)")
 
 
 class TrainConfig(StrictConfig):
@@ -319,7 +319,9 @@ class Params(StrictConfig):
 
     seed: int = 0
     metrics_dir: str = Field(
-        "metrics", description="the folder every stage writes its metrics file to (file names: mpe.records)"
+        "metrics",
+        min_length=1,
+        description="the folder every stage writes its metrics file to (file names: mpe.records)",
     )
     data: DataConfig = DataConfig()
     base_model: BaseModelConfig = BaseModelConfig()
@@ -365,6 +367,12 @@ class Params(StrictConfig):
             )
         if self.cache.enabled and self.model.text.tuning == "lora":
             raise ValueError("model.text.tuning 'lora' trains every layer: set cache.enabled: false")
+        local = self.ray.address is None and self.ray.num_cpus is not None and not self.train.use_gpu
+        if local and self.train.num_workers > self.ray.num_cpus:  # Ray Train would wait for CPUs forever
+            raise ValueError(
+                f"train.num_workers ({self.train.num_workers}) needs a CPU each, but the local Ray cluster gets "
+                f"ray.num_cpus ({self.ray.num_cpus}); lower train.num_workers or raise ray.num_cpus"
+            )
         return self
 
 
