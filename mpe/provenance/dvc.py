@@ -56,7 +56,11 @@ def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
 
 
 _MPE_ERROR = re.compile(r"^mpe [\w-]+: (error|interrupted)")
-_OS_ERROR = re.compile(r"\[Errno (\d+)\] [^:']+(?:: '([^']+)')?")
+# "[Errno 28] No space left on device: 'src' -> 'dst'": the path written is the last one
+_OS_ERROR = re.compile(r"\[Errno (\d+)\] [^:']+(?:: '([^']+)'(?: -> '([^']+)')?)?")
+# DVC reports some failures and still exits 0: an output it could not copy into its cache (a full disk),
+# a push that leaves out files its cache lacks
+_SILENT_FAILURES = ("ERROR: failed to transfer", "WARNING: Some of the cache files do not exist")
 
 
 def failure_line(lines: list[str]) -> str:
@@ -68,7 +72,7 @@ def failure_line(lines: list[str]) -> str:
         return mpe_lines[-1].removesuffix(" (--debug shows the traceback)")
     for line in reversed(lines):
         if found := _OS_ERROR.search(line):
-            code, path = int(found[1]), found[2]
+            code, path = int(found[1]), found[3] or found[2]
             advice = {28: "free some space", 30: "remount it writable", 16: "mount volumes one level up"}
             return f"{path or 'a file'}: {os.strerror(code).lower()} (DVC's own write)" + (
                 f"; {advice[code]} and rerun (finished work is kept)" if code in advice else ""
@@ -93,6 +97,7 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
         start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=40)
+    silent: list[str] = []  # failures DVC reports while exiting 0 (the first few)
     assert proc.stdout is not None
     try:
         for chunk in proc.stdout:
@@ -100,6 +105,8 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                 if line.strip():
                     tail.append(line)
                     log(line)
+                    if line.startswith(_SILENT_FAILURES) and len(silent) < 5:
+                        silent.append(line)
         proc.wait()
     except KeyboardInterrupt:
         _stop(proc)
@@ -119,6 +126,17 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
             " (its output is above)",
             text,
         )
+    if silent and args[0] in ("repro", "push"):
+        # outputs missing from DVC's cache would be recorded and registered, yet never reach the remote
+        if args[0] == "repro":
+            found = next((m for line in silent if (m := _OS_ERROR.search(line))), None)
+            why = f"{found[3] or found[2]}: {os.strerror(int(found[1])).lower()}" if found else silent[0]
+            what = f"could not copy its outputs into DVC's cache ({why})"
+            fix = f"free some space, then run `dvc commit --force {args[-1]}` (the outputs are in the workspace)"
+        else:
+            what = "left out outputs that DVC's cache lacks (a stage's outputs were never cached)"
+            fix = "run `dvc commit --force`, then push again"
+        raise DvcError(f"`dvc {' '.join(args)}` in {project} exited 0 but {what}; {fix}", "\n".join(tail))
 
 
 def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:

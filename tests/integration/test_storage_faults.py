@@ -107,3 +107,25 @@ def test_dvc_failure_line_names_the_full_or_read_only_folder_in_one_line(tmp_pat
             repro_stage("sources", proj, log=lambda line: None)
         message = str(err.value)
         assert "\n" not in message and "read-only file system" in message and "sources.json" in message, message
+
+
+def test_outputs_dvc_could_not_cache_stop_the_run_instead_of_being_registered_unpushed(tmp_path, tiny_base_dir):
+    """DVC reports a full cache disk as `ERROR: failed to transfer …` yet exits 0 and writes dvc.lock, and its
+    push then skips the missing files with a warning (exit 0): the run went on to record and register
+    outputs the remote never got. Both are now errors that say how to repair the cache."""
+    from mpe.provenance.dvc import DvcError, push, repro_stage
+    from tests.e2e.project import make_project, pipeline_params
+
+    proj, _ = make_project(tmp_path / "proj", pipeline_params(tiny_base_dir))
+    with _tmpfs(proj / ".dvc" / "cache", "size=1m"):
+        with pytest.raises(DvcError) as err:
+            repro_stage("base_model", proj, log=lambda line: None)
+    message = str(err.value)
+    assert "\n" not in message and "exited 0 but could not copy its outputs into DVC's cache" in message, message
+    assert "no space left on device" in message and "dvc commit --force base_model" in message, message
+    assert (proj / "models" / "base" / "model.safetensors").is_file()  # the stage's work is kept
+    with pytest.raises(DvcError, match="left out outputs that DVC's cache lacks"):
+        push(proj, log=lambda line: None)
+    bin_dir = Path(sys.executable).parent
+    subprocess.run([str(bin_dir / "dvc"), "commit", "--force", "base_model"], cwd=proj, check=True, capture_output=True)
+    push(proj, log=lambda line: None)  # the repaired cache pushes whole
