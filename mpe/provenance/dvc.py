@@ -152,6 +152,21 @@ def pull(project: Path, targets: list[str] = (), remote: str | None = None, log:
     _dvc(["pull", *(["--remote", remote] if remote else []), *targets], project, log)
 
 
+def remote_of(project: Path, name: str | None = None) -> tuple[str | None, str | None]:
+    """The DVC remote ``name`` (or the project's default) and its URL, as ``dvc remote list`` shows them."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "list"], cwd=project, capture_output=True, text=True, env=_quiet_env()
+    )
+    remotes = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            remotes[parts[0]] = (parts[1], "(default)" in line)
+    if name is None:
+        name = next((n for n, (_, default) in remotes.items() if default), None)
+    return name, remotes.get(name, (None, False))[0] if name else None
+
+
 def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
     """The outputs (of ``targets``' stages, or all) whose workspace bytes differ from ``dvc.lock``; changed
     code or params deps are not counted: they say the pipeline would run again, not that outputs differ."""
