@@ -19,6 +19,7 @@ from mpe import __version__
 from mpe.errors import ConfigError, Interrupted
 
 DEFAULT_PARAMS = "params.yaml"
+SERVING_COMMANDS = ("serve", "ui", "schedule")  # they run until Ctrl-C
 
 
 def _params(args, required: bool = True):
@@ -490,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
+        if args.command in SERVING_COMMANDS:  # nothing to resume: Ctrl-C is how these end
+            print(f"mpe {args.command}: stopped", file=sys.stderr)
+            return 130
         print(
             f"mpe {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr
         )
