@@ -74,7 +74,7 @@ def failure_line(lines: list[str]) -> str:
         if found := _OS_ERROR.search(line):
             code, path = int(found[1]), found[3] or found[2]
             advice = {28: "free some space", 30: "remount it writable", 16: "mount volumes one level up"}
-            return f"{path or 'a file'}: {os.strerror(code).lower()} (DVC's own write)" + (
+            return f"{path or 'a file'}: {os.strerror(code).lower()} (met by DVC itself)" + (
                 f"; {advice[code]} and rerun (finished work is kept)" if code in advice else ""
             )
     errors = [line for line in lines if line.startswith("ERROR:")]
