@@ -23,10 +23,13 @@ from mpe.errors import Interrupted  # noqa: E402
 from mpe.provenance.dvc import push, repro_stage, stage_names  # noqa: E402
 from mpe.provenance.run_record import record_run  # noqa: E402
 from mpe.records import TRAIN, TrainingSummary, metrics_file  # noqa: E402
+from mpe.runtime.prefect_server import one_line_user_errors  # noqa: E402
 from mpe.runtime.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
 from mpe.tracking.runs import fail_abandoned_runs, run_exists  # noqa: E402
 from mpe.tracking.settings import resolve_tracking_uri, tracking_settings  # noqa: E402
+
+one_line_user_errors()  # a Ctrl-C or bad input ends in its one line, not a traceback
 
 # Retries where a retry can help: downloads (network), the resumable cache, Ray training (resumes
 # from its last checkpoint). Deterministic stages fail the same way twice; a Ctrl-C is never retried.

@@ -21,6 +21,7 @@ from mpe import __version__
 from mpe.errors import ConfigError, Interrupted
 
 DEFAULT_PARAMS = "params.yaml"
+SERVING_COMMANDS = ("serve", "ui", "schedule")  # they run until Ctrl-C
 
 
 def _params(args, required: bool = True):
@@ -91,6 +92,13 @@ def cmd_data(args) -> None:
     stats = data.run(params)
     for split, s in stats["splits"].items():
         print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
+    for part, rep in stats.get("url_list_report", {}).items():
+        if rep.get("repeated_url_rows"):
+            print(
+                f"{part}: {rep['repeated_url_rows']} of {rep['train'] + rep['test']} rows repeat a URL of an "
+                f"earlier row ({rep['distinct_urls']} distinct URLs; first: {rep['repeated_urls'][0]}); each row "
+                "is kept as a sample, and a URL's rows stay in one split (metrics/data.json url_list_report)"
+            )
 
 
 def cmd_base_model(args) -> None:
@@ -215,7 +223,7 @@ def cmd_serve(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars")
+        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars", "max_request_megapixels")
         if getattr(args, k) is not None
     }
     cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
@@ -477,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=_positive(float), help="request body limit in MiB (default: params serve)")
     sv.add_argument("--max-rows", type=_positive(int), help="rows per request (default: params serve.max_rows)")
     sv.add_argument("--max-caption-chars", type=_positive(int), help="longest caption accepted (default: params serve)")
+    sv.add_argument(
+        "--max-request-megapixels",
+        type=_positive(float),
+        help="decoded pixels of a request's images together, in millions (default: params serve)",
+    )
     ui = command("ui", cmd_ui, "the MLflow and Prefect UIs on 127.0.0.1 (Ctrl-C stops both)")
     ui.add_argument("--mlflow-port", type=_positive(int), default=5000)
     ui.add_argument("--prefect-port", type=_positive(int), default=4200)
@@ -515,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
+        if args.command in SERVING_COMMANDS:  # nothing to resume: Ctrl-C is how these end
+            print(f"mpe {args.command}: stopped", file=sys.stderr)
+            return 130
         how = f"stopped by {signal.Signals(terminated_by()).name}" if terminated_by() else "interrupted"
         print(f"mpe {args.command}: {how}; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return stopped()

@@ -153,7 +153,7 @@ class MlflowConfig(StrictConfig):
 
 class RayConfig(StrictConfig):
     address: str | None = Field(None, description="None: start a local cluster; 'auto' or ray://host:10001")
-    num_cpus: int | None = 2
+    num_cpus: int | None = Field(2, ge=1, description="CPUs of the local cluster (one per training worker)")
 
 
 class TrainConfig(StrictConfig):
@@ -315,6 +315,12 @@ class ServeConfig(StrictConfig):
     max_body_mb: float = Field(16.0, gt=0, description="request body limit (413 above it)")
     max_rows: int = Field(256, ge=1, description="rows per request")
     max_caption_chars: int = Field(2000, ge=1, description="longer captions are refused (400), not truncated")
+    max_request_megapixels: float = Field(
+        128.0,
+        gt=0,
+        description="decoded pixels of all a request's images together, in millions, read from their headers "
+        "before any is decoded (400 above); each image is also at most 4096x4096",
+    )
 
 
 class Params(StrictConfig):
@@ -322,7 +328,9 @@ class Params(StrictConfig):
 
     seed: int = 0
     metrics_dir: str = Field(
-        "metrics", description="the folder every stage writes its metrics file to (file names: mpe.records)"
+        "metrics",
+        min_length=1,
+        description="the folder every stage writes its metrics file to (file names: mpe.records)",
     )
     data: DataConfig = DataConfig()
     base_model: BaseModelConfig = BaseModelConfig()
@@ -368,6 +376,12 @@ class Params(StrictConfig):
             )
         if self.cache.enabled and self.model.text.tuning == "lora":
             raise ValueError("model.text.tuning 'lora' trains every layer: set cache.enabled: false")
+        local = self.ray.address is None and self.ray.num_cpus is not None and not self.train.use_gpu
+        if local and self.train.num_workers > self.ray.num_cpus:  # Ray Train would wait for CPUs forever
+            raise ValueError(
+                f"train.num_workers ({self.train.num_workers}) needs a CPU each, but the local Ray cluster gets "
+                f"ray.num_cpus ({self.ray.num_cpus}); lower train.num_workers or raise ray.num_cpus"
+            )
         return self
 
 

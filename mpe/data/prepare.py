@@ -24,7 +24,7 @@ from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
 from mpe.data.metadata_filter import filter_rows
 from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.stats import STATS_FILE, by_class, shard_manifest, shard_stats
-from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
+from mpe.data.url_list import evaluation_rows, list_parts, read_url_list, repeated_urls
 from mpe.errors import DataError
 from mpe.files.atomic import atomic_path, write_json, write_text
 from mpe.files.hashing import file_sha256, fingerprint
@@ -138,6 +138,7 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
     for path in parts:
         df, rep = read_url_list(path, cfg.url_col, cfg.caption_col, cfg.encoding)
         df, rep["filtered"] = filter_rows(df, cfg.filters, path)
+        rep.update(repeated_urls(df["URL"]))
         df["id"] = [f"{path.stem}:{i}" for i in range(len(df))]
         if test_parts is None or path.stem in test_parts:
             test = evaluation_rows(df["URL"], cfg.test_fraction)
@@ -158,8 +159,9 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
         if not any(split in p for p in lists.values()):
             raise DataError(
                 f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
-                f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "
-                f"{cfg.test_fraction})"
+                f"{sum(r['train'] + r['test'] for r in report.values())}, with "
+                f"{sum(r['distinct_urls'] for r in report.values())} distinct URLs; data.test_fraction "
+                f"{cfg.test_fraction}); the rows of one URL stay on one side"
             )
     return lists, report
 

@@ -15,9 +15,10 @@ from mpe.errors import ConfigError
 
 
 class StrictConfig(BaseModel):
-    """A typed config: unknown keys are refused by name, values are validated and frozen."""
+    """A typed config: unknown keys are refused by name, values are validated and frozen; a float is finite
+    (``.inf`` epochs or a NaN learning rate is refused by its key, not trained on)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 Pooling = Literal["multi_prompt", "mean", "last_token", "prompt_last_token", "defo", "vanilla_clip"]

@@ -8,11 +8,13 @@ import base64
 import io
 from pathlib import Path
 
+from mpe.config import ServeConfig
 from mpe.errors import ConfigError
 from mpe.tracking.runs import use
 from mpe.tracking.settings import TrackingSettings
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc.py")
+REQUEST_LIMITS = ("max_rows", "max_caption_chars", "max_request_megapixels")
 PACKAGE_DIR = Path(__file__).parents[1]  # the mpe package, logged with the model as its code
 PYFUNC_REQUIREMENTS = [
     "torch",
@@ -57,6 +59,8 @@ def log_pyfunc(model_dir: Path, embed_dim: int, name: str = "model") -> str:
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(PYFUNC_FILE),
+        # the request limits of `mpe serve`; load_model(uri, model_config={...}) may change them
+        model_config=ServeConfig().model_dump(include=set(REQUEST_LIMITS)),
         artifacts={"mpe_model": str(model_dir)},
         code_paths=[str(PACKAGE_DIR)],
         signature=signature,

@@ -55,13 +55,17 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def request_frame(payload, max_rows: int):
+def request_frame(payload, limits: ServeConfig):
     """The request table of a decoded JSON body; :class:`DataError` naming what is wrong with its shape."""
     import pandas as pd
 
+    from mpe.serving.request import check_row_count
+
     if not isinstance(payload, dict) or not ({"dataframe_split", "dataframe_records"} & payload.keys()):
-        keys = list(payload) if isinstance(payload, dict) else type(payload).__name__
+        keys = list(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
         raise DataError(f"the body must be an object with 'dataframe_split' (or 'dataframe_records'); got {keys}")
+    if {"dataframe_split", "dataframe_records"} <= payload.keys():
+        raise DataError("the body holds both 'dataframe_split' and 'dataframe_records'; send one")
     if "dataframe_split" in payload:
         split = payload["dataframe_split"]
         if (
@@ -71,6 +75,9 @@ def request_frame(payload, max_rows: int):
         ):
             raise DataError("'dataframe_split' must be an object with a 'columns' list and a 'data' list of rows")
         columns, rows = split["columns"], split["data"]
+        if not all(isinstance(c, str) for c in columns):
+            bad = next(c for c in columns if not isinstance(c, str))
+            raise DataError(f"'dataframe_split' columns must be names (strings), not {type(bad).__name__}: {bad!r:.60}")
         for i, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != len(columns):
                 raise DataError(
@@ -84,8 +91,7 @@ def request_frame(payload, max_rows: int):
         rows = [[r.get(c) for c in columns] for r in rows]
     if not rows:
         raise DataError("the request holds no rows")
-    if len(rows) > max_rows:
-        raise DataError(f"the request holds {len(rows)} rows, over the limit of {max_rows}; split it")
+    check_row_count(len(rows), limits)
     return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
@@ -104,7 +110,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
 
     def predict(df):
         with lock:
-            return embed_rows(model, df, cfg.max_caption_chars)
+            return embed_rows(model, df, cfg)
 
     @app.get("/ping")
     @app.get("/health")
@@ -117,12 +123,14 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/invocations")
     async def invocations(request: Request):
-        mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if mime != "application/json":
+        mime, *params = [p.strip().lower() for p in request.headers.get("content-type", "").split(";")]
+        charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
+        if mime != "application/json" or charset not in ("utf-8", "utf8"):
             return _error(
                 415,
                 "UNSUPPORTED_MEDIA_TYPE",
-                f"content type {mime or '(none)'!r}: send application/json (MLflow's dataframe_split)",
+                f"content type {request.headers.get('content-type') or '(none)'!r}: send application/json in "
+                "UTF-8 (MLflow's dataframe_split)",
             )
         declared = request.headers.get("content-length")
         too_big = f"the body is over the limit of {cfg.max_body_mb:g} MiB ({max_body} bytes); send fewer rows"
@@ -138,7 +146,7 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
         except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, nesting too deep
             return _error(400, "MALFORMED_REQUEST", f"malformed JSON body: {err}")
         try:
-            out = await run_in_threadpool(predict, request_frame(payload, cfg.max_rows))
+            out = await run_in_threadpool(predict, request_frame(payload, cfg))
         except DataError as err:
             return _error(400, "INVALID_PARAMETER_VALUE", str(err))
         except Exception:  # our bug, not the client's: log it, answer 500, keep serving

@@ -15,7 +15,7 @@ from mpe.config import Params
 from mpe.data.stats import data_identity, read_stats, verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
-from mpe.files.atomic import atomic_path, write_json
+from mpe.files.atomic import atomic_path, check_replaceable, write_json
 from mpe.files.hashing import checkpoint_sha256, model_folder_sha256
 from mpe.model.base_model import source_label
 from mpe.model.vision.pretrained import transform_of
@@ -74,6 +74,9 @@ def _model_files(base_dir: Path, cache_fields: dict | None, vision_pretrained: s
 def run(params: Params) -> dict:
     clock = [("start", time.perf_counter())]
     tcfg = params.train
+    # where the result goes, checked before minutes of training that could not be put in place
+    check_replaceable(tcfg.out_dir, "train.out_dir")
+    check_replaceable(metrics_file(params.metrics_dir, TRAIN), "metrics_dir")
     base_dir = Path(params.base_model.out_dir).resolve()
     data_root = storage.absolute(params.data.out_dir)
     data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)

@@ -432,8 +432,18 @@ def test_8_a_missing_remote_object_names_the_version_path_and_remote(project, tr
     client = _registry(tracking_uri)
     md5 = client.get_model_version("mpe-e2e", "1").tags["dvc.model"].removesuffix(".dir")
     victim = next(remote.rglob(f"{md5[2:]}.dir"))
-    victim.unlink()
+    weights = next(e["md5"] for e in json.loads(victim.read_text()) if e["relpath"] == "mpe_weights.safetensors")
+    inside = remote / "files" / "md5" / weights[:2] / weights[2:]
+    kept = inside.read_bytes()
+    inside.unlink()  # one file of the model folder: named by its path in the folder and in the remote
     clone = _clone(proj, tmp_path / "broken")
+    out = _reproduce(clone, tracking_uri, "--version", "1", "--only", "model")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "version 1" in last and f"'localremote' ({remote})" in last, last
+    assert "models/trained/mpe_weights.safetensors" in last and str(inside) in last, last
+    inside.write_bytes(kept)
+    victim.unlink()
     out = _reproduce(clone, tracking_uri, "--version", "1", "--only", "model")
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "version 1" in out.stderr and "models/trained" in out.stderr and "localremote" in out.stderr

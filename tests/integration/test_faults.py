@@ -143,6 +143,69 @@ def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path
     )
 
 
+def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tmp_path, tiny_base_dir):
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    config = model / "mpe_config.json"
+    meta = json.loads(config.read_text())
+    meta["model"]["embed_dim"] *= 2  # valid on its own, but not the shape the weights were saved with
+    config.write_text(json.dumps(meta))
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--text-file", "t.txt", "--out", "t.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
+
+
+def test_a_damaged_or_missing_text_checkpoint_in_a_model_folder_is_one_line_naming_it(tmp_path, tiny_base_dir, capsys):
+    """transformers reads a missing folder as a hub id (and went online, ending in a traceback), and a
+    damaged tokenizer or config file as a JSONDecodeError or TypeError traceback."""
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    embed = ["embed", "--model", str(model), "--text-file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "t.npy")]
+    text_dir = model / "text_model"
+    for damage, phrase in (
+        (lambda: (text_dir / "tokenizer.json").write_text("{"), "not a loadable checkpoint (JSONDecodeError"),
+        (lambda: (text_dir / "config.json").write_text("[]"), "not a loadable checkpoint (TypeError"),
+        (lambda: shutil.rmtree(text_dir), "not a transformers checkpoint folder (the folder is missing)"),
+    ):
+        shutil.copytree(text_dir, tmp_path / "kept", dirs_exist_ok=True)
+        damage()
+        capsys.readouterr()
+        assert main(embed) == 2
+        err = capsys.readouterr().err
+        assert f"{text_dir}: {phrase}" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        shutil.rmtree(text_dir, ignore_errors=True)
+        shutil.copytree(tmp_path / "kept", text_dir)
+
+
+def test_an_image_too_elongated_to_embed_is_refused_by_name_before_it_is_decoded(tmp_path, tiny_base_dir):
+    """A 1×16,777,216 PNG (16 kB, within 4096² pixels) is resized to 32×536,870,912 before its centre is cut
+    out: `mpe embed` used to end in a MemoryError traceback; now its header refuses it, naming the file."""
+    from PIL import Image
+
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(images / "a.png")
+    Image.new("L", (1, 4096 * 4096)).save(images / "strip.png")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--image-dir", "images", "--out", "i.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, "images/strip.png is 1×16777216 pixels, too elongated", "crop it")
+    assert not (tmp_path / "i.npy").exists()
+
+
 def _immutable(folder: Path) -> bool:
     return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
 
