@@ -202,7 +202,25 @@ def cmd_serve(args) -> None:
         if getattr(args, k) is not None
     }
     cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
-    serve(args.model or f"models:/{params.registry.model_name}@champion", cfg, params.mlflow.tracking_uri)
+    serve(
+        args.model or f"models:/{params.registry.model_name}@champion",
+        cfg,
+        params.mlflow.tracking_uri,
+        args.index,
+        params.search,
+        None if args.no_search else params.search.out_dir,
+    )
+
+
+def cmd_index(args) -> None:
+    params = _params(args, required=False)
+    from mpe.stages import search_index
+
+    meta = search_index.run(params, args.model, args.out)
+    print(
+        f"{'built' if meta['built'] else 'kept'} the search index of {meta['count']} images "
+        f"({meta['index_key']}, model {meta['model']['sha256'][:12]}) in {meta['out_dir']}"
+    )
 
 
 def cmd_ui(args) -> None:
@@ -447,6 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=_positive(float), help="request body limit in MiB (default: params serve)")
     sv.add_argument("--max-rows", type=_positive(int), help="rows per request (default: params serve.max_rows)")
     sv.add_argument("--max-caption-chars", type=_positive(int), help="longest caption accepted (default: params serve)")
+    sv.add_argument(
+        "--index",
+        metavar="DIR",
+        help="search index folder built from this model (default: the registered version's own, else "
+        "search.out_dir if built from this model); adds /search and the search page at /",
+    )
+    sv.add_argument("--no-search", action="store_true", help="serve embeddings only, even if an index is at hand")
+    ix = command("index", cmd_index, "build the search index of a model's image embeddings (FAISS) for mpe serve")
+    ix.add_argument("--model", help="a model folder, models:/NAME@ALIAS or runs:/ID/model (default: train.out_dir)")
+    ix.add_argument("--out", metavar="DIR", help="the index folder (default: params search.out_dir)")
     ui = command("ui", cmd_ui, "the MLflow and Prefect UIs on 127.0.0.1 (Ctrl-C stops both)")
     ui.add_argument("--mlflow-port", type=_positive(int), default=5000)
     ui.add_argument("--prefect-port", type=_positive(int), default=4200)

@@ -308,6 +308,27 @@ class ServeConfig(StrictConfig):
     max_caption_chars: int = Field(2000, ge=1, description="longer captions are refused (400), not truncated")
 
 
+class SearchConfig(StrictConfig):
+    """The search index over the trained model's image embeddings (``mpe index``, and the retrain flow after
+    registration) and the ``/search`` that ``mpe serve`` answers with it."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(
+        ["train", "test"], min_length=1, description="the data stage's splits whose images are indexed"
+    )
+    out_dir: str = Field(
+        "models/index", description="the index folder (index.faiss, items.parquet, embeddings.npy, index.json)"
+    )
+    index_key: str = Field(
+        "auto",
+        description="auto: exact (Flat) up to exact_max images, IVF-PQ above it, sized by the count "
+        "(autofaiss-style); or any faiss index_factory string",
+    )
+    exact_max: int = Field(100_000, ge=1, description="largest collection indexed exactly when index_key is auto")
+    nprobe: int = Field(16, ge=1, description="IVF lists visited per query (IVF indexes only)")
+    batch_size: int = Field(64, ge=1, description="images embedded per forward pass while building")
+    max_k: int = Field(100, ge=1, description="the largest k /search answers (400 above it)")
+
+
 class Params(StrictConfig):
     """The whole ``params.yaml``."""
 
@@ -328,6 +349,7 @@ class Params(StrictConfig):
     dvc: DvcConfig = DvcConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="before")
     @classmethod
