@@ -24,29 +24,6 @@ CLI_MARK = "<!-- mpe:cli-reference -->"
 
 
 # -- params ---------------------------------------------------------------------------------------------
-def _params_yaml_comments(path: Path = ROOT / "params.yaml") -> dict[str, str]:
-    """The end-of-line comment of every key in the project's params.yaml, by dotted key."""
-    from ruamel.yaml import YAML
-
-    doc = YAML().load(path.read_text(encoding="utf-8"))
-    out: dict[str, str] = {}
-
-    def walk(node, prefix: str) -> None:
-        for key in node:
-            dotted = f"{prefix}{key}"
-            comment = node.ca.items.get(key)
-            token = comment[2] if comment and len(comment) > 2 else None
-            if token is not None:
-                text = token.value.strip().split("\n")[0].lstrip("#").strip()
-                if text:
-                    out[dotted] = text
-            if hasattr(node[key], "ca") and hasattr(node[key], "items") and not isinstance(node[key], list):
-                walk(node[key], dotted + ".")
-
-    walk(doc, "")
-    return out
-
-
 def _params_yaml_values(path: Path = ROOT / "params.yaml") -> dict[str, object]:
     import yaml
 
@@ -155,7 +132,7 @@ def params_reference() -> str:
     """Markdown: one table per section of params.yaml, one row per key."""
     from mpe.config import Params
 
-    comments, shipped = _params_yaml_comments(), _params_yaml_values()
+    shipped = _params_yaml_values()
     lines = [
         "Generated from `mpe.config.Params` when the site is built. *Default* is what applies when the key is "
         "absent; where the project's `params.yaml` sets another value, it is shown beside it. Unknown keys and "
@@ -186,7 +163,7 @@ def params_reference() -> str:
             default = _default(field)
             if key in shipped and repr(shipped[key]) != repr(field.default) and default != "required":
                 default += f" (params.yaml: `{shipped[key]}`)"
-            doc = field.description or comments.get(key, "")
+            doc = field.description or ""
             lines.append(
                 f"| `{key}` | {_cell(_type_name(field.annotation))} | {_cell(default)} | "
                 f"{_cell(_allowed(field.annotation, field.metadata))} | {_cell(doc)} |"
@@ -200,7 +177,8 @@ def params_reference() -> str:
         for name, field in cls.model_fields.items():
             lines.append(
                 f"| `{name}` | {_cell(_type_name(field.annotation))} | {_cell(_default(field))} | "
-                f"{_cell(_allowed(field.annotation, field.metadata))} | {_cell(field.description or '')} |"
+                f"{_cell(_allowed(field.annotation, field.metadata))} | "
+                f"{_cell(field.description or ('selects this kind' if name == 'kind' else ''))} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -225,12 +203,14 @@ def cli_commands() -> list[str]:
     return [name for name, _, _ in _commands(build_parser(), "mpe")]
 
 
-def _option_rows(parser: argparse.ArgumentParser, shared: set[str]) -> list[str]:
+def _option_rows(parser: argparse.ArgumentParser, own_only: bool) -> list[str]:
+    """One table row per option; ``own_only`` leaves out the options every command shares (``mpe.cli``
+    gives them a ``*_sub`` destination after a command's name)."""
     rows = []
     for a in parser._actions:
         if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) or a.help == argparse.SUPPRESS:
             continue
-        if a.option_strings and a.option_strings[-1] in shared:
+        if own_only and a.dest.endswith("_sub"):
             continue
         name = ", ".join(a.option_strings) if a.option_strings else a.dest
         choices = ", ".join(map(str, a.choices)) if a.choices else ""
@@ -250,7 +230,6 @@ def cli_reference() -> str:
     from mpe.cli import build_parser
 
     parser = build_parser()
-    shared = {"--params", "--set", "--tracking-uri", "--debug", "--version"}
     lines = [
         "Generated from `mpe.cli.build_parser()` when the site is built.",
         "",
@@ -261,14 +240,14 @@ def cli_reference() -> str:
         "",
         "| option | what | default |",
         "|---|---|---|",
-        *[r for r in _option_rows(parser, set()) if "--version" not in r],
+        *[r for r in _option_rows(parser, False) if "--version" not in r],
         "",
         "`mpe --version` prints the version.",
         "",
     ]
     for name, sub, help_text in _commands(parser, "mpe"):
         lines += [f"## `{name}`", "", _cell(help_text or sub.description or ""), ""]
-        rows = _option_rows(sub, shared)
+        rows = _option_rows(sub, True)
         if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
             lines += ["Sub-commands below.", ""]
             continue

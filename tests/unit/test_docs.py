@@ -40,6 +40,9 @@ def test_the_params_reference_lists_every_key_of_the_config(reference):
     assert leaves == [], f"keys missing from the params reference: {leaves}"
     sections = [k for k, v in ((k, _get(k)) for k in keys) if isinstance(v, dict) and v and f"## `{k}`" not in text]
     assert sections == [], f"sections without a heading: {sections}"
+    rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in text.splitlines() if line.startswith("| `")]
+    undocumented = [cells[0].strip() for cells in rows if not cells[-1].strip()]
+    assert undocumented == [], f"keys without a description in the typed config: {undocumented}"
     # a row shows the type, the default and the allowed values of its key
     row = next(line for line in text.splitlines() if line.startswith("| `model.text.pooling`"))
     assert "`multi_prompt`" in row and "`vanilla_clip`" in row and "`defo`" in row
