@@ -108,7 +108,9 @@ def search_routes(
     names = prompt_names(index.meta["num_prompts"]) if index is not None else []
 
     def embed(q: str):
-        with lock:
+        import torch
+
+        with lock, torch.no_grad():
             return model.encode_text([q])[0].float().cpu().numpy()
 
     @router.get("/", response_class=HTMLResponse)
