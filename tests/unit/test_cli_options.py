@@ -1,13 +1,13 @@
-"""The options every ``mpe`` command shares: ``--params`` and ``--set`` before or after the command's name,
-typed and validated like the file (the key named on error), ``mpe params show``, ``mpe --version``, and the
-overrides ``mpe run`` writes into ``params.yaml`` keeping its comments (as ``dvc exp run -S`` does)."""
+"""``--set`` against a params file holding the same value (``mpe train --params p.yaml --set train.lr=0.002``
+is ``mpe --params p2.yaml train`` where p2 says so), typed values, and the overrides ``mpe run`` writes into
+``params.yaml`` keeping its comments (as ``dvc exp run -S`` does). Position, bad keys and ``--version``:
+``tests/unit/test_cli.py``."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from mpe import __version__
 from mpe.cli import _merge_common, build_parser, main
 from mpe.config import Params, load_params, write_overrides
 
@@ -75,31 +75,6 @@ def test_set_values_are_read_as_yaml_and_validated_like_the_file(files, capsys):
     )
     assert shown["evaluate"]["ks"] == [1, 10] and shown["train"]["max_steps"] is None
     assert shown["cache"]["enabled"] is False and shown["data"]["filters"]["min_similarity"] == 0.28
-
-
-@pytest.mark.parametrize(
-    "override,named",
-    [
-        ("train.lr=-1", "train.lr"),  # out of range
-        ("train.lr=fast", "train.lr"),  # wrong type
-        ("train.lrr=0.1", "train.lrr"),  # unknown key
-        ("model.text.pooling=max", "model.text.pooling"),  # not an allowed value
-        ("seed.x=1", "seed"),  # a value, not a section
-        ("train.lr", "key.path=value"),  # no value
-    ],
-)
-def test_a_bad_set_fails_in_one_line_naming_the_key(files, capsys, override, named):
-    assert main(["train", "--params", "p.yaml", "--set", override]) == 2
-    err = capsys.readouterr().err
-    assert named in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in files.iterdir()) == ["p.yaml", "p2.yaml"]  # nothing ran, nothing written
-
-
-def test_version_prints_the_package_version(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--version"])
-    assert done.value.code == 0
-    assert capsys.readouterr().out.strip() == f"mpe {__version__}"
 
 
 def test_overrides_written_into_params_yaml_keep_its_comments_and_order(files):
