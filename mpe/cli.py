@@ -301,6 +301,8 @@ def cmd_run(args) -> None:
             params.mlflow.experiment,
             params.dvc.remote,
         )
+        + f"\nsearch: the registered model's index in {params.search.out_dir}/; `mpe serve` shows it on "
+        f"http://{params.serve.host}:{params.serve.port}/"
     )
 
 
