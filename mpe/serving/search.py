@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from mpe.config import SearchConfig, ServeConfig
-from mpe.errors import DataError
+from mpe.errors import ConfigError, DataError
 from mpe.serving.image_index import META_FILE, ImageIndex, model_sha256
 
 DEFAULT_K = 12
@@ -82,7 +82,11 @@ def open_index_for(ref: str, folder, explicit=None, local=None, say=print) -> Im
     for candidate in (registered_search_index(ref), Path(local) if local else None):
         if candidate is None or not (Path(candidate) / META_FILE).is_file():
             continue
-        index = ImageIndex(candidate)
+        try:
+            index = ImageIndex(candidate)
+        except ConfigError as err:  # found, not asked for: say why it is left out, and serve the model
+            say(f"mpe serve: {err}; not used")
+            continue
         if index.model_sha256 == sha:
             return index
         say(f"mpe serve: {candidate} holds the search index of another model; not used")
