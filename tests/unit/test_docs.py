@@ -76,6 +76,8 @@ def test_the_cli_reference_lists_every_command_and_its_options(reference, capsys
         own = set(re.findall(r"(--[a-z][a-z-]+)", usage)) - {"--help", "--params", "--set", "--tracking-uri", "--debug"}
         missing = [opt for opt in own if opt not in section]
         assert missing == [], f"{command}: options missing from the reference: {missing}"
+        rows = [re.split(r"(?<!\\)\|", line)[1:-1] for line in section.splitlines() if line.startswith("| `")]
+        assert all(cells[1].strip() for cells in rows), f"{command}: an option without help: {section}"
     # the options every command shares are listed once
     assert "`--set KEY.PATH=VALUE`" in text and "`--params FILE`" in text and "`--tracking-uri URI`" in text
 
