@@ -78,3 +78,19 @@ def stop_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def raw_get(base_url, path: str) -> tuple[int, dict]:
+    """``GET path`` through the standard library (httpx refuses URLs over 64 KiB; a browser sends them), and
+    the JSON answer."""
+    import http.client
+    import json
+
+    url = httpx.URL(str(base_url))
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=60)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
