@@ -56,8 +56,10 @@ test: $(STAMP) browser
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
-# The site's screenshots (docs/img/), taken by the browser tests on a fresh project.
+# The site's screenshots (docs/img/), taken by the browser tests: the search page, then the MLflow and
+# Prefect UIs after the retrain flow's runs.
 screenshots: $(STAMP) browser
+	MPE_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q tests/integration/test_search.py -k browser
 	MPE_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q tests/e2e/test_retrain_flow.py
 
 lint: $(STAMP)

@@ -209,3 +209,50 @@ def test_the_index_is_found_again_and_its_model_named(server, model_dir):
     body = server.get("/search", params={"q": "red", "k": 1}).json()
     assert body["model"]["sha256"] == model_sha256(model_dir)
     assert json.loads((Path(body["model"]["source"]) / "mpe_config.json").read_text())["model"]
+
+
+def test_the_page_in_a_browser_shows_the_best_image_first_and_survives_bad_queries(server, reference, model, tmp_path):
+    """Debian's headless Chromium: a query typed key by key shows first the image the model itself ranks
+    first, with its per-prompt parts; an empty, a 100 KB and a private-use query each show the server's
+    message, and the next query works. The screenshot is the one the docs show."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import chromium, screenshot
+
+    keys, emb = reference
+    query = QUERIES[0]
+    expected = keys[int(np.argmax(emb @ _text(model, query)))]
+    with chromium(tmp_path / "chromium") as page:
+        page.get(f"{server.base_url}/")
+        wait = WebDriverWait(page, 60)
+        status, error = page.find_element(By.ID, "status"), page.find_element(By.ID, "error")
+
+        def search(text: str, k: int) -> None:
+            box = page.find_element(By.ID, "q")
+            box.clear()
+            if text:  # typing 100 KB key by key takes minutes: set it as a paste would
+                page.execute_script("arguments[0].value = arguments[1]", box, text)
+            page.find_element(By.ID, "k").clear()
+            page.find_element(By.ID, "k").send_keys(str(k))
+            page.find_element(By.ID, "go").click()
+
+        def cards(k: int) -> list:
+            wait.until(lambda d: status.text.startswith(f"{k} of "))
+            return page.find_elements(By.CSS_SELECTOR, "#results .card")
+
+        page.find_element(By.ID, "q").send_keys(query)  # typed, key by key
+        page.find_element(By.ID, "go").click()
+        shown = cards(12)  # the page's default k
+        assert len(shown) == 12 and query in status.text
+        first = shown[0]
+        assert f"{first.get_attribute('data-split')}/{first.get_attribute('data-key')}" == expected
+        assert "matched by APT-" in first.text and len(first.find_elements(By.CSS_SELECTOR, ".prompt")) == 2
+        wait.until(lambda d: d.execute_script("return [...document.images].every(i => i.complete && i.naturalWidth)"))
+        screenshot(page, tmp_path, "search.png")
+
+        for bad, message in (("", "q is empty"), ("x" * 100_000, "over the limit of 2000"), ("a\ue000b", "U+E000")):
+            search(bad, 5)
+            wait.until(lambda d, m=message: error.is_displayed() and m in error.text)
+        search(QUERIES[1], 3)  # still working
+        assert len(cards(3)) == 3 and not error.is_displayed()
