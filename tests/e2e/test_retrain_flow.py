@@ -46,6 +46,7 @@ def prefect_env(tmp_path_factory):
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",  # test_10 looks at it in a browser
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # else the page asks the default port
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     log = open(home / "server.log", "w")
