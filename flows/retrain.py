@@ -26,6 +26,7 @@ from mpe.records import TRAIN, TrainingSummary, metrics_file  # noqa: E402
 from mpe.runtime.prefect_server import one_line_user_errors  # noqa: E402
 from mpe.runtime.project_lock import PROJECT_TAG, project_identity, project_lock  # noqa: E402
 from mpe.stages import register as register_stage  # noqa: E402
+from mpe.stages import search_index as search_index_stage  # noqa: E402
 from mpe.tracking.runs import fail_abandoned_runs, run_exists  # noqa: E402
 from mpe.tracking.settings import resolve_tracking_uri, tracking_settings  # noqa: E402
 
@@ -87,10 +88,28 @@ def register(params_path: str, project_dir: str, rec: dict | None) -> dict:
     return result
 
 
+@task(name="search-index")
+def search_index(params_path: str, project_dir: str, registered: dict) -> dict:
+    """The registered model's search index, logged with its version (kept when the model did not change)."""
+    params = resolve_tracking_uri(load_params(Path(project_dir) / params_path))
+    meta = search_index_stage.run(params, registered=registered)
+    get_run_logger().info(
+        "%s the search index of %s images (%s) for %s version %s: %s",
+        "built" if meta["built"] else "kept",
+        meta["count"],
+        meta["index_key"],
+        registered["model_name"],
+        registered["version"],
+        meta.get("logged", meta["out_dir"]),
+    )
+    return meta
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
     """The stages of dvc.yaml (each rerun only if its deps changed), push, record the run's lock on the
-    branch mpe/runs, and register — one run per project at a time (a second one waits for the first)."""
+    branch mpe/runs, register, and the registered model's search index — one run per project at a time (a
+    second one waits for the first)."""
     project_dir = str(Path(project_dir).resolve())
     os.chdir(project_dir)  # stages read params.yaml and write outputs relative to the project
     logger = get_run_logger()
@@ -116,7 +135,9 @@ def retrain(params_path: str = "params.yaml", project_dir: str = ".") -> dict:
             )(stage, project_dir, stage in forced)
         if params.dvc.push:
             dvc_push(project_dir, params.dvc.remote)
-        return register(params_path, project_dir, record(project_dir))
+        registered = register(params_path, project_dir, record(project_dir))
+        search_index(params_path, project_dir, registered)
+        return registered
 
 
 if __name__ == "__main__":

@@ -227,7 +227,25 @@ def cmd_serve(args) -> None:
         if getattr(args, k) is not None
     }
     cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
-    serve(args.model or f"models:/{params.registry.model_name}@champion", cfg, params.mlflow.tracking_uri)
+    serve(
+        args.model or f"models:/{params.registry.model_name}@champion",
+        cfg,
+        params.mlflow.tracking_uri,
+        args.index,
+        params.search,
+        None if args.no_search else params.search.out_dir,
+    )
+
+
+def cmd_index(args) -> None:
+    params = _params(args, required=False)
+    from mpe.stages import search_index
+
+    meta = search_index.run(params, args.model, args.out)
+    print(
+        f"{'built' if meta['built'] else 'kept'} the search index of {meta['count']} images "
+        f"({meta['index_key']}, model {meta['model']['sha256'][:12]}) in {meta['out_dir']}"
+    )
 
 
 def cmd_ui(args) -> None:
@@ -319,6 +337,8 @@ def cmd_run(args) -> None:
             params.mlflow.experiment,
             params.dvc.remote,
         )
+        + f"\nsearch: the registered model's index in {params.search.out_dir}/; `mpe serve` shows it on "
+        f"http://{params.serve.host}:{params.serve.port}/"
     )
 
 
@@ -424,16 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = command("init", cmd_model_init, "write an untrained model folder", model)
     init.add_argument("--base", help="local dir, hub id, or bundled name (default: params base_model.name)")
-    init.add_argument("--out", required=True)
-    init.add_argument("--num-prompts", type=_positive(int))
+    init.add_argument("--out", required=True, help="the model folder to write")
+    init.add_argument("--num-prompts", type=_positive(int), help="K (default: params model.text.num_prompts)")
 
     emb = command("embed", cmd_embed, "embed a text file (one caption per line) or a folder of images")
     emb.add_argument("--model", required=True, help="a trained model folder")
     src = emb.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file")
-    src.add_argument("--image-dir")
+    src.add_argument("--text-file", help="captions, one per line (blank lines skipped)")
+    src.add_argument("--image-dir", help="a folder of images")
     emb.add_argument("--out", required=True, help="the .npy file to write")
-    emb.add_argument("--batch-size", type=_positive(int), default=32)
+    emb.add_argument("--batch-size", type=_positive(int), default=32, help="rows per forward pass")
 
     for name, func, text in STAGES:
         command(name, func, text)
@@ -448,24 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another run holds this project, wait for it (at most SECONDS) instead of stopping",
     )
     pool = command("work-pool", cmd_work_pool, "create the Prefect process work pool (offline-safe)")
-    pool.add_argument("--name", default="local-process")
+    pool.add_argument("--name", default="local-process", help="the work pool's name")
     cmp_ = command("compare", cmd_compare, "a markdown table of the last N MLflow runs, or of a suite")
-    cmp_.add_argument("--last", type=_positive(int), default=5)
-    cmp_.add_argument("--out", default="metrics/compare.md")
+    cmp_.add_argument("--last", type=_positive(int), default=5, help="how many of the latest runs")
+    cmp_.add_argument("--out", default="metrics/compare.md", help="the markdown file written")
     cmp_.add_argument("--suite", help="an experiment suite's cells (mean ± std over seeds, from MLflow)")
-    cmp_.add_argument("--form", default="quick")
+    cmp_.add_argument("--form", default="quick", help="the suite's budget (with --suite)")
     rp = command("reproduce", cmd_reproduce, "restore a registered version's lock, params and outputs (dvc pull)")
     rp.add_argument("--model", help="registered model name (default: params register.model_name)")
     which = rp.add_mutually_exclusive_group()
-    which.add_argument("--version")
-    which.add_argument("--alias")
+    which.add_argument("--version", help="the registered version")
+    which.add_argument("--alias", help="the registered alias (champion, challenger)")
     rp.add_argument("--only", choices=["model"], help="pull the trained model alone (what a serving host needs)")
     params = sub.add_parser("params", help="the effective params").add_subparsers(dest="params_command", required=True)
     command("show", cmd_params_show, "print the params after --set, validated (what a stage would read)", params)
     ts = command(
         "tracking-server", cmd_tracking_server, "a local MLflow tracking server on PostgreSQL (start, stop, status)"
     )
-    ts.add_argument("action", choices=["start", "stop", "status"])
+    ts.add_argument("action", choices=["start", "stop", "status"], help="start (or reuse), stop, or show it")
     ts.add_argument("--dir", default=".mlflow-pg", help="its folder: cluster, passfile, artifacts, logs")
     ts.add_argument(
         "--port",
@@ -490,22 +510,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(float),
         help="decoded pixels of a request's images together, in millions (default: params serve)",
     )
+    sv.add_argument(
+        "--index",
+        metavar="DIR",
+        help="search index folder built from this model (default: the registered version's own, else "
+        "search.out_dir if built from this model); adds /search and the search page at /",
+    )
+    sv.add_argument("--no-search", action="store_true", help="serve embeddings only, even if an index is at hand")
+    ix = command("index", cmd_index, "build the search index of a model's image embeddings (FAISS) for mpe serve")
+    ix.add_argument("--model", help="a model folder, models:/NAME@ALIAS or runs:/ID/model (default: train.out_dir)")
+    ix.add_argument("--out", metavar="DIR", help="the index folder (default: params search.out_dir)")
     ui = command("ui", cmd_ui, "the MLflow and Prefect UIs on 127.0.0.1 (Ctrl-C stops both)")
-    ui.add_argument("--mlflow-port", type=_positive(int), default=5000)
-    ui.add_argument("--prefect-port", type=_positive(int), default=4200)
+    ui.add_argument("--mlflow-port", type=_positive(int), default=5000, help="the MLflow UI's port")
+    ui.add_argument("--prefect-port", type=_positive(int), default=4200, help="the Prefect UI's port")
     rw = command("reweight", cmd_reweight, "aspect weights chosen on the validation split, test gain")
     rw.add_argument("--model", help="model folder (default: train.out_dir)")
     exp = sub.add_parser("experiments", help="experiment suites (experiments/<name>.yaml)").add_subparsers(
         dest="experiments_command", required=True
     )
     er = command("run", cmd_experiments_run, "run every cell and seed of a suite (resumes a stopped one)", exp)
-    er.add_argument("name")
+    er.add_argument("name", help="the suite: experiments/<name>.yaml")
     er.add_argument("--form", default="quick", help="the suite's budget (forms in the suite file)")
     er.add_argument("--only", nargs="*", help="run only these cells")
     ep = command("report", cmd_experiments_report, "write docs/RESULTS.md and a plot from MLflow", exp)
-    ep.add_argument("name")
-    ep.add_argument("--form", default="quick")
-    ep.add_argument("--out", default="docs/RESULTS.md")
+    ep.add_argument("name", help="the suite: experiments/<name>.yaml")
+    ep.add_argument("--form", default="quick", help="the suite's budget")
+    ep.add_argument("--out", default="docs/RESULTS.md", help="the report written (a plot beside it)")
     return p
 
 

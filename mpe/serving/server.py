@@ -5,7 +5,8 @@
 [[...], ...]}``, one embedding per row, as ``mlflow models serve`` does with the logged pyfunc. Unlike
 MLflow's server it bounds the request body (413) and the row count, answers every bad request with a 4xx
 naming the problem and the row, and keeps 5xx for its own failures (MLflow maps any exception the model
-raises to 400). ``GET /ping`` and ``/health`` answer 200 once the model is loaded.
+raises to 400). ``GET /ping`` and ``/health`` answer 200 once the model is loaded. With a search index it
+also answers ``/search`` and serves the search page at ``/`` (``mpe.serving.search``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from mpe.config import ServeConfig
+from mpe.config import SearchConfig, ServeConfig
 from mpe.errors import ConfigError, DataError
 
 log = logging.getLogger("mpe.serve")
@@ -95,8 +96,9 @@ def request_frame(payload, limits: ServeConfig):
     return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
-def create_app(model, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI app serving ``model`` (a loaded ``MultiPromptCLIP``) under the limits of ``cfg``."""
+def create_app(model, cfg: ServeConfig, index=None, search: SearchConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (a loaded ``MultiPromptCLIP``) under the limits of ``cfg``; ``index``
+    (an ``ImageIndex`` built from this model) adds ``/search`` and its page."""
     from starlette.concurrency import run_in_threadpool
 
     from mpe import __version__
@@ -154,16 +156,41 @@ def create_app(model, cfg: ServeConfig) -> FastAPI:
             return _error(500, "INTERNAL_ERROR", "the server failed to embed this request; see its log")
         return JSONResponse({"predictions": out.tolist()})
 
+    from mpe.serving.search import search_routes
+
+    app.include_router(search_routes(model, index, cfg, search or SearchConfig(), lock))
     return app
 
 
-def serve(ref: str, cfg: ServeConfig, tracking_uri: str | None = None) -> None:
-    """Load the model behind ``ref`` and serve it until interrupted."""
+def serve(
+    ref: str,
+    cfg: ServeConfig,
+    tracking_uri: str | None = None,
+    index_dir=None,
+    search: SearchConfig | None = None,
+    local_index=None,
+) -> None:
+    """Load the model behind ``ref`` and serve it until interrupted; with a search index of that very model
+    (``index_dir``, the registered version's, or ``local_index``), ``/search`` and its page too."""
     import uvicorn
 
     from mpe.model.multi_prompt_clip import MultiPromptCLIP
+    from mpe.serving.search import open_index_for
 
     folder = model_folder(ref, tracking_uri)
+    searching = index_dir is not None or local_index is not None  # neither: embeddings only (--no-search)
+    index = open_index_for(ref, folder, index_dir, local_index) if searching else None
     model = MultiPromptCLIP.from_pretrained(folder).eval()
     print(f"mpe serve: {ref} (embed_dim {model.cfg.embed_dim}) on http://{cfg.host}:{cfg.port}/invocations", flush=True)
-    uvicorn.run(create_app(model, cfg), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=5)
+    if index is not None:
+        print(f"mpe serve: search over {index.meta['count']} images on http://{cfg.host}:{cfg.port}/", flush=True)
+    # a query string may be long (the search page sends what was typed): let it reach /search, which answers
+    # an over-long query with a 400 naming the limit, rather than h11's bare "Invalid HTTP request"
+    uvicorn.run(
+        create_app(model, cfg, index, search),
+        host=cfg.host,
+        port=cfg.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=1 << 20,
+    )

@@ -32,12 +32,15 @@ from mpe.records import (
     EVAL,
     TRAIN,
     TRAIN_HISTORY,
+    TrainingSummary,
     metrics_file,
     read_metrics,
     report_sections,
     to_mlflow,
     training_run_id,
 )
+from mpe.serving.mlflow_model import log_model_card
+from mpe.serving.model_card import write_model_card
 from mpe.tracking.runs import log_to_run, require_run
 from mpe.tracking.settings import tracking_settings
 
@@ -48,6 +51,14 @@ def _untrained_twin(cfg: ModelConfig, pretrained: str | None) -> ModelConfig:
     if cfg.vision.pretrained and pretrained and not cfg.vision.freeze:
         return cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"pretrained": pretrained})})
     return cfg
+
+
+def _datasets(source: str, url_list: str | None) -> list[str]:
+    """What the model card names as the training data: the shapes world, or the URL list by file name (a
+    path particular to this machine is no dataset name)."""
+    if source == "shapes" or not url_list:
+        return ["mpe-shapes (synthetic)"]
+    return [Path(url_list).name or url_list]
 
 
 def run(params: Params) -> dict:
@@ -88,6 +99,16 @@ def run(params: Params) -> dict:
         report["trained"].update(flat)
     report["details"] = results
     write_json(metrics_file(params.metrics_dir, EVAL), report)
+    # the model card sits in the model folder (.dvcignore keeps it out of the train stage's hash)
+    card = write_model_card(
+        params.train.out_dir,
+        params.registry.model_name,
+        trained.cfg,
+        trained.provenance,
+        params.base_model.name if not Path(params.base_model.name).is_dir() else Path(params.base_model.name).name,
+        _datasets(params.data.source, params.data.url_list),
+        report,
+    )
 
     keys = [k for k in report["trained"] if not k.startswith("compositional_") and "." not in k]  # test split only
     recall_bars(
@@ -109,7 +130,9 @@ def run(params: Params) -> dict:
     )
 
     if run_id:
-        log_to_run(
-            tracking_settings(params.mlflow), run_id, to_mlflow(report_sections(report)), sorted(plots.glob("*.png"))
-        )
+        settings = tracking_settings(params.mlflow)
+        log_to_run(settings, run_id, to_mlflow(report_sections(report)), sorted(plots.glob("*.png")))
+        train = TrainingSummary.read(params.metrics_dir)
+        if train is not None and train.model_uri:
+            log_model_card(settings, train.model_uri, card)
     return report
