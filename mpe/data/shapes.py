@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
@@ -80,6 +81,34 @@ class Scene:
     def pairs(self) -> set[tuple[str, str]]:
         objs = [self.main] + ([self.secondary] if self.secondary else [])
         return {(o.colour, o.shape) for o in objs}
+
+
+def _words(options) -> str:
+    return "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+
+
+_OBJ = rf"a (?P<{{p}}size>{_words(SIZES)}) (?P<{{p}}colour>{_words(COLOURS)}) (?P<{{p}}shape>{_words(SHAPES)})"
+_CAPTION = re.compile(
+    _OBJ.format(p="m")
+    + rf"(?: (?P<relation>{_words(RELATIONS)}) "
+    + _OBJ.format(p="s")
+    + rf"| (?P<phrase>{_words(POSITION_PHRASE.values())}))"
+    + rf" on a (?P<background>{_words(BACKGROUNDS)}) background"
+)
+_PHRASE_POSITION = {v: k for k, v in POSITION_PHRASE.items()}
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption of this world describes (the inverse of :meth:`Scene.caption`), or None when the
+    text is not a caption of the shapes world's grammar."""
+    m = _CAPTION.fullmatch(text)
+    if m is None:
+        return None
+    main = Obj(m["mcolour"], m["mshape"], m["msize"])
+    if m["relation"]:
+        sec = Obj(m["scolour"], m["sshape"], m["ssize"])
+        return Scene(main, RELATIONS[m["relation"]][0], m["background"], m["relation"], sec)
+    return Scene(main, _PHRASE_POSITION[m["phrase"]], m["background"])
 
 
 def held_out_pairs(n: int, seed: int) -> set[tuple[str, str]]:

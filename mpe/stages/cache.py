@@ -15,11 +15,13 @@ from tqdm import tqdm
 from mpe.cache.compute import (
     cache_data_shard,
     cache_fields,
+    cache_negatives_shard,
     cache_texts,
     data_shard_identity,
     estimate_bytes,
     is_current,
     load_trunk_tower,
+    negatives_identity,
     trunk_info,
 )
 from mpe.cache.ray_engine import build_with_ray
@@ -72,10 +74,18 @@ def run(params: Params) -> dict:
         raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
     jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
     jobs = [(d, out) for d, out in jobs if not is_current(out, data_shard_identity(d))]
+    hard = params.train.hard_negatives
+    negative_jobs = []
+    if hard.enabled:  # the hard negatives of every training caption (train.hard_negatives)
+        negative_jobs = [
+            (d, folder.negatives_url(d))
+            for d in data_shards
+            if not is_current(folder.negatives_url(d), negatives_identity(d, hard.per_caption, hard.seed))
+        ]
     eval_texts = list(dict.fromkeys(evaluation_texts(data_root)))
     texts_out = folder.texts_url(eval_texts)
     texts_job = [] if storage.exists(texts_out) else [(eval_texts, texts_out)]
-    for sub in ("train", "texts"):
+    for sub in ("train", "texts", "negatives"):
         storage.remove_stale_temporaries(storage.join(folder.url, sub))
 
     est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
@@ -84,6 +94,10 @@ def run(params: Params) -> dict:
     bar = tqdm(desc="cache trunk states", unit="text")
     if cfg.engine == "ray":
         ray_jobs = jobs + [("texts:" + json.dumps(t), o) for t, o in texts_job]
+        ray_jobs += [
+            ("negatives:" + json.dumps({"data": d, "per_caption": hard.per_caption, "seed": hard.seed}), o)
+            for d, o in negative_jobs
+        ]
         computed = build_with_ray(ray_jobs, base_dir, text, trust, cfg, params.ray, dtype_name(autocast), bar.update)
     else:
         tower = load_trunk_tower(base_dir, text, trust, device)
@@ -92,6 +106,10 @@ def run(params: Params) -> dict:
             computed += cache_data_shard(tower, d, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
         for t, out in texts_job:
             computed += cache_texts(tower, t, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
+        for d, out in negative_jobs:
+            computed += cache_negatives_shard(
+                tower, d, out, hard.per_caption, hard.seed, cfg.dtype, cfg.batch_size, autocast, bar.update
+            )["texts"]
     bar.close()
     folder.write_active()
     summary = {
@@ -103,6 +121,7 @@ def run(params: Params) -> dict:
         "shards_computed": len(jobs),
         "shards_reused": len(data_shards) - len(jobs),
         "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
+        "negative_shards_computed": len(negative_jobs),
         "texts_computed": computed,
         "skipped_corrupt_shards": corrupt,
         "compute_seconds": round(time.perf_counter() - started, 2),
