@@ -53,6 +53,7 @@ class ShapesConfig(StrictConfig):
     aspect_probes: int = Field(
         0, ge=0, description="test captions given one-aspect-changed variants (per-prompt analysis)"
     )
+    object_scale: float = Field(1.0, gt=0, le=2, description="multiplies every object's radius")
     benchmark_items: int = Field(
         0,
         ge=0,

@@ -130,7 +130,14 @@ def winoground_pairs(scenes: list[Scene], items: int) -> list[tuple[str, Scene, 
 
 
 def write_compositional_sets(
-    out: Path, scenes: list[Scene], files: list[str], items: int, size: int, seed: int, render_seed
+    out: Path,
+    scenes: list[Scene],
+    files: list[str],
+    items: int,
+    size: int,
+    seed: int,
+    render_seed,
+    object_scale: float = 1.0,
 ) -> dict[str, int]:
     """Write the three sets under ``out`` for the test ``scenes`` (rendered as ``files``, relative to the
     test image folder); ``render_seed(i)`` is the seed test image ``i`` was drawn with. Returns the counts."""
@@ -147,7 +154,7 @@ def write_compositional_sets(
         for name, sc in zip(names, (scene, twin)):  # the same seed: the same placement and texture
             target = out / WINOGROUND_DIR / "images" / f"{name}.png"
             with atomic_path(target, suffix=".png") as tmp:
-                render(sc, size, render_seed(index[id(scene)])).save(tmp, format="PNG")
+                render(sc, size, render_seed(index[id(scene)]), object_scale=object_scale).save(tmp, format="PNG")
         lines.append(
             json.dumps(
                 {

@@ -134,7 +134,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         shutil.rmtree(out / "raw")
     write_text(marker, raw_fp)
     for scene, path, rs in tqdm(jobs, desc="render shapes", unit="img"):
-        _save_png(render(scene, cfg.image_size, rs), path)
+        _save_png(render(scene, cfg.image_size, rs, object_scale=s.object_scale), path)
     lists = {}
     for split, r in rows.items():
         if r:  # a split with no rows (val_captions: 0) is simply not written
@@ -145,6 +145,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     write_json(out / ASPECTS_FILE, aspects)
     write_json(out / "held_out_pairs.json", sorted(plan.held_out), indent=None)
     shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)
+    (out / BENCHMARKS_DIR).mkdir()  # always there (empty without sets): a dependency of the cache stage
     if s.benchmark_items:
         write_compositional_sets(
             out / BENCHMARKS_DIR,
@@ -154,6 +155,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
             cfg.image_size,
             seed,
             lambda i: seed + 8_000_000 + i,
+            s.object_scale,
         )
     return lists
 
@@ -362,6 +364,7 @@ def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dic
     for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
         write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
     shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)  # nor compositional sets
+    (out / BENCHMARKS_DIR).mkdir()
     return ["train", "test"], report, parts
 
 

@@ -163,8 +163,12 @@ def _polygon_star(cx, cy, r):
     return pts
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, canvas: int) -> None:
-    r = canvas * (0.17 if obj.size == "large" else 0.09)
+# an object's radius as a share of the canvas, by size (object_scale multiplies both)
+RADIUS = {"large": 0.17, "small": 0.09}
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, canvas: int, scale: float = 1.0) -> None:
+    r = canvas * RADIUS[obj.size] * scale
     fill = COLOURS[obj.colour]
     outline = (0, 0, 0) if obj.colour != "black" else (90, 90, 90)
     box = [cx - r, cy - r, cx + r, cy + r]
@@ -241,8 +245,9 @@ def draw_background(img: Image.Image, background: str, rng: random.Random) -> No
         raise ValueError(f"unknown background {background!r}")
 
 
-def render(scene: Scene, size: int, seed: int, jitter: float = 0.06) -> Image.Image:
-    """Draw ``scene`` on a ``size``×``size`` RGB canvas; ``seed`` fixes texture and placement jitter."""
+def render(scene: Scene, size: int, seed: int, jitter: float = 0.06, object_scale: float = 1.0) -> Image.Image:
+    """Draw ``scene`` on a ``size``×``size`` RGB canvas; ``seed`` fixes texture and placement jitter;
+    ``object_scale`` multiplies the objects' radii."""
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size))
     draw_background(img, scene.background, rng)
@@ -251,8 +256,8 @@ def render(scene: Scene, size: int, seed: int, jitter: float = 0.06) -> Image.Im
     if scene.secondary is not None:
         sec_pos = RELATIONS[scene.relation][1]
         sx, sy = _anchor(sec_pos, size, rng, jitter)
-        draw_object(draw, scene.secondary, sx, sy, size)
-    draw_object(draw, scene.main, cx, cy, size)
+        draw_object(draw, scene.secondary, sx, sy, size, object_scale)
+    draw_object(draw, scene.main, cx, cy, size, object_scale)
     return img
 
 
