@@ -256,9 +256,11 @@ def estimate_bytes(
     itemsize: int,
     sample: int = 1000,
     seed: int = 0,
+    negatives_per_caption: int = 0,
 ) -> dict:
     """The disk the cache will take, before computing it: unique captions (per shard, from img2dataset's
-    parquet files, else the shards' captions) × mean rows (from a tokenized sample) × hidden × bytes."""
+    parquet files, else the shards' captions; with hard negatives, that many more texts per caption at
+    most) × mean rows (from a tokenized sample) × hidden × bytes."""
     import pandas as pd
 
     unique, samples, pool = extra_texts, 0, []
@@ -273,7 +275,7 @@ def estimate_bytes(
             caps = [c for _, c in shard_captions(url)]
         samples += len(caps)
         uniq = list(dict.fromkeys(caps))
-        unique += len(uniq)
+        unique += len(uniq) * (1 + negatives_per_caption)
         pool.extend(uniq[: max(1, sample // max(1, len(data_shards)))])
     picked = random.Random(seed).sample(pool, min(sample, len(pool))) if pool else []
     lens = [len(i) for i in tokenize_captions(info.tokenizer, picked, max_caption_tokens)] or [1]

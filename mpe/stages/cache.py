@@ -88,7 +88,14 @@ def run(params: Params) -> dict:
     for sub in ("train", "texts", "negatives"):
         storage.remove_stale_temporaries(storage.join(folder.url, sub))
 
-    est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
+    est = estimate_bytes(
+        data_shards,
+        len(eval_texts),
+        info,
+        text.max_caption_tokens,
+        STORAGE[cfg.dtype].itemsize,
+        negatives_per_caption=hard.per_caption if hard.enabled else 0,
+    )
     _announce(est, cfg.dtype, cfg.warn_gb)
     started = time.perf_counter()
     bar = tqdm(desc="cache trunk states", unit="text")
