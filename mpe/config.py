@@ -54,6 +54,12 @@ class ShapesConfig(StrictConfig):
         0, ge=0, description="test captions given one-aspect-changed variants (per-prompt analysis)"
     )
     object_scale: float = Field(1.0, gt=0, le=2, description="multiplies every object's radius")
+    minimal_pairs: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of training scenes drawn with a twin that differs in one aspect only (one drawn at random)",
+    )
     benchmark_items: int = Field(
         0,
         ge=0,

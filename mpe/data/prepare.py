@@ -73,7 +73,14 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     """Render the shapes world into ``out/raw`` and write one URL list per split."""
     s = cfg.shapes
     plan = plan_splits(
-        s.train_captions, s.val_captions, s.test_captions, s.negation_queries, s.held_out_pairs, s.p_secondary, seed
+        s.train_captions,
+        s.val_captions,
+        s.test_captions,
+        s.negation_queries,
+        s.held_out_pairs,
+        s.p_secondary,
+        seed,
+        s.minimal_pairs,
     )
     rows: dict[str, list[dict]] = {k: [] for k in SPLITS}
     jobs = []

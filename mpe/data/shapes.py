@@ -274,12 +274,21 @@ class SplitPlan:
 
 
 def plan_splits(
-    train: int, val: int, test: int, negation: int, held_out: int, p_secondary: float, seed: int
+    train: int,
+    val: int,
+    test: int,
+    negation: int,
+    held_out: int,
+    p_secondary: float,
+    seed: int,
+    minimal_pairs: float = 0.0,
 ) -> SplitPlan:
     """Unique captions per split, no caption shared across splits, held-out pairs only in test.
 
     Half of the test captions have a held-out pair as their main object (compositional), half are
-    new scenes of seen pairs.
+    new scenes of seen pairs. With ``minimal_pairs`` > 0, that share of the training scenes comes with a
+    twin that differs from it in one aspect only (drawn at random among ``ASPECTS``), so that a batch more
+    often holds two captions only that aspect tells apart.
     """
     rng = random.Random(seed)
     hold = held_out_pairs(held_out, seed)
@@ -303,7 +312,20 @@ def plan_splits(
                 out.append(s)
         return out
 
-    plan.train = draw_unique(train, seen)
+    if minimal_pairs > 0:
+        twin_rng = random.Random(seed * 7907 + 3)  # its own stream: the base scenes are drawn as without twins
+        plan.train = []
+        while len(plan.train) < train:
+            (scene,) = draw_unique(1, seen)
+            plan.train.append(scene)
+            if len(plan.train) < train and twin_rng.random() < minimal_pairs:
+                aspect = twin_rng.choice(ASPECTS)
+                twin = aspect_variant_scenes(scene, twin_rng)[aspect]
+                if all(seen(p) for p in twin.pairs()) and twin.caption() not in used:
+                    used.add(twin.caption())
+                    plan.train.append(twin)
+    else:
+        plan.train = draw_unique(train, seen)
     plan.val = draw_unique(val, seen)
     n_comp = test // 2 if hold else 0
     comp = draw_unique(n_comp, lambda p: True, main_ok=lambda p: p in hold)
@@ -345,6 +367,12 @@ ASPECTS = ("colour", "shape", "size", "position", "background")
 def aspect_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
     """For each aspect, the caption of ``scene`` with only that aspect of the main object (or the
     background) changed: what a prompt that encodes the aspect must tell apart from the true caption."""
+    return {a: s.caption() for a, s in aspect_variant_scenes(scene, rng).items()}
+
+
+def aspect_variant_scenes(scene: Scene, rng: random.Random) -> dict[str, Scene]:
+    """For each aspect, ``scene`` with only that aspect of the main object (or the background, or the relation
+    / position) changed."""
     main, out = scene.main, {}
     out["colour"] = rng.choice([c for c in COLOURS if c != main.colour and c not in CLASHES[scene.background]])
     out["shape"] = rng.choice([x for x in SHAPES if x != main.shape])
@@ -359,4 +387,4 @@ def aspect_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
         variants["position"] = replace(scene, relation=relation, position=RELATIONS[relation][0])
     else:
         variants["position"] = replace(scene, position=rng.choice([p for p in POSITIONS if p != scene.position]))
-    return {a: variants[a].caption() for a in ASPECTS}
+    return {a: variants[a] for a in ASPECTS}
