@@ -21,9 +21,9 @@ disable_telemetry()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from mpe import storage  # noqa: E402
 from mpe.config import load_params  # noqa: E402
 from mpe.evaluation.experiments.suite import RunSpec, expand, load_suite, suite_path  # noqa: E402
+from mpe.files import storage  # noqa: E402
 from mpe.records import EVAL, read_metrics  # noqa: E402
 from mpe.runtime.project_lock import project_lock  # noqa: E402
 from mpe.stages import base_model, cache, data, evaluate, reweight, train  # noqa: E402
