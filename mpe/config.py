@@ -64,6 +64,18 @@ class ShapesConfig(StrictConfig):
     aspect_probes: int = Field(
         0, ge=0, description="test captions given one-aspect-changed variants (per-prompt analysis)"
     )
+    object_scale: float = Field(1.0, gt=0, le=2, description="multiplies every object's radius")
+    minimal_pairs: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of training scenes drawn with a twin that differs in one aspect only (one drawn at random)",
+    )
+    benchmark_items: int = Field(
+        0,
+        ge=0,
+        description="items per category of the world's own SugarCrepe, ARO and Winoground sets (0: none written)",
+    )
 
 
 IMG2DATASET_DISALLOWED = ["noai", "noimageai", "noindex", "noimageindex"]  # img2dataset's own default
@@ -185,6 +197,16 @@ class RayConfig(StrictConfig):
     )
 
 
+class HardNegativesConfig(StrictConfig):
+    """Hard-negative captions in training, as NegCLIP (``mpe.data.hard_negatives``): each caption of a batch
+    brings ``per_caption`` captions with one aspect replaced or two attributes swapped, as more negatives of
+    the contrastive loss. Their trunk states are cached beside the training shards' (``mpe cache``)."""
+
+    enabled: bool = Field(False, description="add each caption's hard negatives to the contrastive loss")
+    per_caption: int = Field(2, ge=1, description="negatives per caption (fewer where fewer kinds of change apply)")
+    seed: int = Field(0, description="which negatives are drawn; a property of the data, not of the training seed")
+
+
 class TrainConfig(StrictConfig):
     """Ray Train (TorchTrainer) settings and the optimisation schedule."""
 
@@ -226,6 +248,7 @@ class TrainConfig(StrictConfig):
     threads_per_worker: int | None = Field(
         None, description="torch threads per Ray worker; null: the CPUs divided among the workers"
     )
+    hard_negatives: HardNegativesConfig = HardNegativesConfig()
 
     @field_validator("storage_path")
     @classmethod
@@ -290,8 +313,49 @@ class NegBenchMcq(_Benchmark):
     image_root: str | None = Field(None, description="relative image paths start here; default the CSV's folder")
 
 
+class SugarCrepeBenchmark(_Benchmark):
+    """SugarCrepe as it ships: ``path`` a folder of per-category JSON files (``swap_att.json`` …), each
+    ``{id: {filename, caption, negative_caption}}``; accuracy of the caption over the negative per category."""
+
+    kind: Literal["sugarcrepe"]
+    image_root: str = Field(description="the image folder the JSON's filename entries are relative to (COCO val2017)")
+
+
+class AroBenchmark(_Benchmark):
+    """ARO's VG-Relation or VG-Attribution JSON (``visual_genome_relation.json``, ``visual_genome_attribution.json``):
+    a list of ``{image_path, bbox_x, bbox_y, bbox_w, bbox_h, true_caption, false_caption}`` with ``relation_name``
+    (relation) or ``attributes`` (attribution); the image is cropped to the box. Accuracy and macro accuracy (the
+    mean over relations, or attribute pairs, of their accuracy), as ARO reports them."""
+
+    kind: Literal["aro_vg_relation", "aro_vg_attribution"]
+    image_root: str | None = Field(
+        None, description="the folder image_path is relative to; default <json folder>/images"
+    )
+    min_group_count: int = Field(
+        0, ge=0, description="groups with fewer items are left out of the macro accuracy (ARO's attribution uses 25)"
+    )
+    exclude_groups: list[str] = Field(
+        [], description="groups left out of the macro accuracy (ARO leaves out the relations it deems symmetric)"
+    )
+
+
+class WinogroundBenchmark(_Benchmark):
+    """Winoground's ``examples.jsonl`` (``id``, ``image_0``, ``image_1``, ``caption_0``, ``caption_1`` …) with the
+    images as ``<image_root>/<image_i>.png``: text, image and group score."""
+
+    kind: Literal["winoground"]
+    image_root: str | None = Field(None, description="the image folder; default <jsonl folder>/images")
+
+
 Benchmark = Annotated[
-    KarpathyBenchmark | ClipBenchmarkWds | ImageFolderBenchmark | NegBenchMcq, Field(discriminator="kind")
+    KarpathyBenchmark
+    | ClipBenchmarkWds
+    | ImageFolderBenchmark
+    | NegBenchMcq
+    | SugarCrepeBenchmark
+    | AroBenchmark
+    | WinogroundBenchmark,
+    Field(discriminator="kind"),
 ]
 
 

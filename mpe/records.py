@@ -156,11 +156,30 @@ SHORT = {
     "zero_shot_colour_accuracy": "0-shot colour",
     "caption_over_negated_accuracy": "caption>negated",
     "inter_prompt_cosine": "inter-prompt cos",
+    "macro_accuracy": "macro acc.",
+    "text_score": "text",
+    "image_score": "image",
+    "group_score": "group",
+}
+# Short names of a metric's section: the shapes world's own compositional sets, and the analysis section
+# (whose names are unique on their own: ``aspect_shape_full``, ``probe_shape``).
+SHORT_SECTIONS = {
+    "shapes_sugarcrepe": "SugarCrepe",
+    "shapes_aro_relation": "VG-R",
+    "shapes_aro_attribution": "VG-A",
+    "shapes_winoground": "Winoground",
+    "analysis": "",
 }
 
 
 def short_name(metric: str) -> str:
-    """A metric's short column name (``t→i R@5``); a section prefix is kept (``val.t→i R@5``)."""
+    """A metric's short column name (``t→i R@5``); a section prefix is kept (``val.t→i R@5``), shortened where
+    it has a short name (``SugarCrepe.swap_att``; none for ``analysis.``)."""
     section, _, name = metric.rpartition(".")
     short = SHORT.get(name, name)
+    if name.startswith("aspect_") and name.endswith("_full"):
+        short = f"{name[len('aspect_') : -len('_full')]} hard-neg"
+    elif name.startswith("probe_") and not name.endswith("_chance"):
+        short = f"probe {name[len('probe_') :]}"
+    section = SHORT_SECTIONS.get(section, section)
     return f"{section}.{short}" if section else short

@@ -25,9 +25,10 @@ from mpe.cache.store import (
     open_active,
     text_digest,
 )
+from mpe.data.hard_negatives import GENERATOR_VERSION, hard_negatives
 from mpe.data.tar_stream import captions as shard_captions
 from mpe.files import storage
-from mpe.files.hashing import checkpoint_sha256
+from mpe.files.hashing import checkpoint_sha256, fingerprint
 from mpe.files.verified import Record, signature
 from mpe.model.configuration import TextConfig
 from mpe.model.text.lm_io import load_lm
@@ -262,6 +263,38 @@ def cache_texts(
     )
 
 
+def negatives_identity(data_url: str, per_caption: int, seed: int) -> dict[str, str]:
+    """What a negatives shard was built from: its data shard (as :func:`data_shard_identity`) and which
+    negatives were drawn (how many per caption, the seed, the generator's version)."""
+    drawn = fingerprint({"per_caption": per_caption, "seed": seed, "generator": GENERATOR_VERSION}, 16)
+    return {**data_shard_identity(data_url), "negatives": drawn}
+
+
+def shard_negative_texts(data_url: str, per_caption: int, seed: int) -> list[str]:
+    """Every hard negative of the data shard's captions, each text once."""
+    captions = dict.fromkeys(c for _, c in shard_captions(data_url))
+    return list(dict.fromkeys(t for c in captions for t in hard_negatives(c, per_caption, seed)))
+
+
+def cache_negatives_shard(
+    tower: LLMTextTower,
+    data_url: str,
+    out_url: str,
+    per_caption: int,
+    seed: int,
+    storage_dtype: str,
+    batch_size: int = 32,
+    autocast: torch.dtype | None = None,
+    progress=None,
+) -> dict:
+    """The negatives shard of one data shard: the trunk states of its captions' hard negatives, each text once,
+    looked up by its sha256 (a text shard), marked with :func:`negatives_identity`."""
+    texts = shard_negative_texts(data_url, per_caption, seed)
+    shard = ShardTexts([text_digest(t).hex() for t in texts], texts, list(range(len(texts))))
+    identity = negatives_identity(data_url, per_caption, seed)
+    return write_shard(tower, out_url, shard, storage_dtype, identity, batch_size, autocast, progress)
+
+
 def estimate_bytes(
     data_shards: list[str],
     extra_texts: int,
@@ -270,9 +303,11 @@ def estimate_bytes(
     itemsize: int,
     sample: int = 1000,
     seed: int = 0,
+    negatives_per_caption: int = 0,
 ) -> dict:
     """The disk the cache will take, before computing it: unique captions (per shard, from img2dataset's
-    parquet files, else the shards' captions) × mean rows (from a tokenized sample) × hidden × bytes."""
+    parquet files, else the shards' captions; with hard negatives, that many more texts per caption at
+    most) × mean rows (from a tokenized sample) × hidden × bytes."""
     import pandas as pd
 
     unique, samples, pool = extra_texts, 0, []
@@ -287,7 +322,7 @@ def estimate_bytes(
             caps = [c for _, c in shard_captions(url)]
         samples += len(caps)
         uniq = list(dict.fromkeys(caps))
-        unique += len(uniq)
+        unique += len(uniq) * (1 + negatives_per_caption)
         pool.extend(uniq[: max(1, sample // max(1, len(data_shards)))])
     picked = random.Random(seed).sample(pool, min(sample, len(pool))) if pool else []
     lens = [len(i) for i in tokenize_captions(info.tokenizer, picked, max_caption_tokens)] or [1]

@@ -8,6 +8,9 @@ Layout of ``<root>/<key>/`` (``<root>`` is a local folder or any fsspec URL)::
     train/<shard>.safetensors        one cache shard per data shard, its samples in the shard's order
     texts/<fingerprint>.safetensors  evaluation texts that are not training samples (test captions,
                                      negation queries, zero-shot prompts), looked up by their sha256
+    negatives/<shard>.safetensors    with ``train.hard_negatives``: the hard-negative captions of a data
+                                     shard's captions, looked up by their sha256 (their shard's identity
+                                     adds which negatives were drawn; the key does not change)
 
 and ``<root>/active/<config>.json``: for each configuration (the fields but the compute precision, which
 is the cache stage's choice), the key the last cache stage wrote, which training and evaluation read. A
@@ -413,6 +416,10 @@ class CacheFolder:
 
     def shard_url(self, split: str, data_shard: str) -> str:
         return storage.join(self.url, split, storage.name(data_shard).rsplit(".", 1)[0] + ".safetensors")
+
+    def negatives_url(self, data_shard: str) -> str:
+        """The shard of a training data shard's hard negatives (``mpe.cache.compute.cache_negatives_shard``)."""
+        return self.shard_url("negatives", data_shard)
 
     def texts_url(self, texts: list[str]) -> str:
         return storage.join(self.url, "texts", fingerprint(sorted(set(texts)), 16) + ".safetensors")

@@ -154,6 +154,11 @@ class VisionConfig(StrictConfig):
     num_layers: int = Field(4, ge=1, description="ViT layers")
     num_heads: int = Field(3, ge=1, description="ViT attention heads")
     intermediate_size: int = Field(768, gt=0, description="ViT MLP width")
+    stem: Literal["patch", "conv"] = Field(
+        "patch",
+        description="from scratch only: the patch embedding (one linear map per patch) or a convolutional stem "
+        "(mpe.model.vision.stem) giving the same token grid",
+    )
     pretrained: str | None = Field(
         None,
         description="a local Hugging Face SigLIP or CLIP checkpoint folder "
@@ -197,7 +202,11 @@ class VisionConfig(StrictConfig):
         if self.freeze and not self.pretrained:
             raise ValueError("freeze needs a pretrained tower (model.vision.pretrained)")
         if self.pretrained:
+            if self.stem != "patch":
+                raise ValueError("stem 'conv' is for a tower trained from scratch, not a pretrained one")
             return self  # the checkpoint's own geometry
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"stem 'conv' needs a power-of-two patch_size, got {self.patch_size}")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.hidden_size % self.num_heads:

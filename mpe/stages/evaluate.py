@@ -1,7 +1,7 @@
 """Stage ``evaluate``: the trained model and its untrained twin (same architecture and trunk) on the
-test split, the negation set and the zero-shot tasks, against chance; the trained model on the standard
-benchmarks of ``evaluate.benchmarks`` (``<name>.<metric>`` keys); plots; the numbers and plots added to the
-MLflow run that trained the model."""
+test split, the negation set, the zero-shot tasks and the linear probes of each aspect, against chance; the
+trained model on the standard benchmarks of ``evaluate.benchmarks`` and the world's own compositional sets
+(``<name>.<metric>`` keys); plots; the numbers and plots added to the MLflow run that trained the model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from mpe.cache.compute import open_cache
 from mpe.cache.store import TextStates
 from mpe.config import Params
+from mpe.data.evaluation_sets import world_benchmarks
 from mpe.data.loader import load_split
 from mpe.data.stats import verified_shards
-from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
+from mpe.evaluation.benchmarks.scoring import benchmark_analysis, benchmark_metrics, read_benchmarks
 from mpe.evaluation.plots import loss_curves, prompt_maps, recall_bars
 from mpe.evaluation.tasks import (
     TextEmbedder,
@@ -69,7 +70,8 @@ def run(params: Params) -> dict:
     plots = Path(params.evaluate.plots_dir)
     for split in {"test", *params.evaluate.splits}:
         verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
-    benchmarks = read_benchmarks(params.evaluate.benchmarks)  # a missing or malformed file fails before models load
+    # a missing or malformed file fails before models load; the world's own compositional sets come with its data
+    benchmarks = read_benchmarks([*params.evaluate.benchmarks, *world_benchmarks(data_root)])
     run_id = training_run_id(params.metrics_dir)
     require_run(tracking_settings(params.mlflow), run_id, metrics_file(params.metrics_dir, TRAIN))  # before the work
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
@@ -97,6 +99,7 @@ def run(params: Params) -> dict:
             trained, benchmarks, TextEmbedder(trained, cache, batch_size), ks, batch_size
         )
         report["trained"].update(flat)
+        report["analysis"]["trained"].update(benchmark_analysis(report["benchmarks"]))
     report["details"] = results
     write_json(metrics_file(params.metrics_dir, EVAL), report)
     # the model card sits in the model folder (.dvcignore keeps it out of the train stage's hash)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache.compute import ShardCheck, data_shard_identity, open_cache
+from mpe.cache.compute import ShardCheck, data_shard_identity, negatives_identity, open_cache
 from mpe.cache.store import CacheCorrupt, CacheFolder
 from mpe.config import Params
 from mpe.data.stats import data_identity, read_stats, verified_shards
@@ -49,6 +49,24 @@ def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
     return shards
 
 
+def _negative_shards(folder: CacheFolder, data_shards: list[str], per_caption: int, seed: int) -> list[str]:
+    """The negatives shard of every data shard, each checked to hold that shard's negatives as drawn now."""
+    shards = [folder.negatives_url(d) for d in data_shards]
+    check = ShardCheck()
+    states = [check.check(n, negatives_identity(d, per_caption, seed)) for d, n in zip(data_shards, shards)]
+    check.save()
+    if check.damage:
+        first = next(iter(check.damage.values()))
+        raise CacheCorrupt(f"{first} ({len(check.damage)} damaged cache shard(s))" if len(check.damage) > 1 else first)
+    stale = [d for d, state in zip(data_shards, states) if state != "current"]
+    if stale:
+        raise StageInputError(
+            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current hard-negatives "
+            f"shard (first: {storage.name(stale[0])}); run `mpe cache` first (train.hard_negatives is on)"
+        )
+    return shards
+
+
 def _data_wait_share(history: list[dict], skip_first: bool) -> float | None:
     rows = history[1:] if skip_first else history
     total = sum(r.get("step_s", 0.0) for r in rows)
@@ -83,7 +101,8 @@ def run(params: Params) -> dict:
     stats = read_stats(data_root)
     n_train = int(stats["splits"]["train"]["successes"])
     total = total_steps(tcfg, n_train)
-    cache_shards, fields = None, None
+    cache_shards, fields, negative_shards = None, None, None
+    hard = tcfg.hard_negatives
     if params.cache.enabled:
         folder = open_cache(
             storage.absolute(params.cache.root),
@@ -94,6 +113,8 @@ def run(params: Params) -> dict:
         )
         fields = folder.fields
         cache_shards = _cache_shards(folder, data_shards)
+        if hard.enabled:
+            negative_shards = _negative_shards(folder, data_shards, hard.per_caption, hard.seed)
     settings = tracking_settings(params.mlflow)
     provenance = {"base_model": source_label(params.base_model)}
     start_weights, start = (
@@ -148,6 +169,9 @@ def run(params: Params) -> dict:
             "shuffle_buffer": tcfg.shuffle_buffer,
             "seed": params.seed,
             "workers": tcfg.loader_workers,
+            "hard_negatives": hard.per_caption if hard.enabled else 0,
+            "negatives_seed": hard.seed,
+            "negative_shards": tuple(negative_shards) if negative_shards else None,
         },
         tracking=asdict(settings),
         logged_params=logged,

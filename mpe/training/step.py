@@ -8,24 +8,40 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from mpe.model.losses import Dist
+from mpe.model.losses import Dist, HardNegatives
 from mpe.model.objective import model_loss, text_from_cache
 from mpe.model.text.tower import TextEmbedding
 
 
 @dataclass
 class Batch:
-    """Images and their captions, or the captions' cached trunk states (left-padded ``(B, T, H)``)."""
+    """Images and their captions, or the captions' cached trunk states (left-padded ``(B, T, H)``); with hard
+    negatives, their texts (or cached states) and the ids of every caption and negative text."""
 
     pixels: torch.Tensor
     captions: list[str] | None = None
     states: torch.Tensor | None = None
     caption_lens: list[int] | None = None
+    negative_texts: list[str] | None = None
+    negative_states: torch.Tensor | None = None
+    negative_lens: list[int] | None = None
+    caption_ids: torch.Tensor | None = None
+    negative_ids: torch.Tensor | None = None
 
     def text(self, model) -> TextEmbedding:
         if self.states is not None:
             return text_from_cache(model, self.states.to(model.device), self.caption_lens)
         return model.text_features(self.captions)
+
+    def negatives(self, model) -> HardNegatives | None:
+        """The hard negatives' embeddings and ids, or None when the batch has none."""
+        if self.negative_ids is None:
+            return None
+        if self.negative_states is not None:
+            emb = text_from_cache(model, self.negative_states.to(model.device), self.negative_lens).embedding
+        else:
+            emb = model.text_features(self.negative_texts).embedding
+        return HardNegatives(emb, self.negative_ids.to(model.device), self.caption_ids.to(model.device))
 
 
 class NonFiniteStep(Exception):
@@ -91,8 +107,9 @@ def train_step(
     with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
         with record_function("mpe.text_top"):
             text = batch.text(model)
+            negatives = batch.negatives(model)
         with record_function("mpe.vision_and_loss"):
-            terms = model_loss(model, batch.pixels, text, dist)
+            terms = model_loss(model, batch.pixels, text, dist, negatives)
     optimizer.zero_grad(set_to_none=True)
     with record_function("mpe.backward"):
         terms.total.backward()

@@ -197,9 +197,16 @@ def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker:
 
 def _to_batch(b: dict, model, device) -> Batch:
     pixels = model.vision.transform.normalize(b["pixels"].to(device))
+    negatives = {}
+    if "negative_ids" in b:
+        negatives = {"caption_ids": b["caption_ids"], "negative_ids": b["negative_ids"]}
+        if "negative_states" in b:
+            negatives.update(negative_states=b["negative_states"].float(), negative_lens=b["negative_lens"].tolist())
+        else:
+            negatives["negative_texts"] = b["negatives"]
     if "states" in b:
-        return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist())
-    return Batch(pixels, captions=b["captions"])
+        return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist(), **negatives)
+    return Batch(pixels, captions=b["captions"], **negatives)
 
 
 def _gather_data_states(loader: TrainLoader, world: int) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ import torch
 
 from mpe.config import load_params
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
-from tests.project_config import small_params, write_params
+from tests.project_config import copy_project, small_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,29 @@ def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
         assert report["trained"][f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-6)
     assert 0 <= report["trained"]["negation_accuracy"] <= 1
     assert report["chance"]["text_to_image_R@1"] == pytest.approx(1 / len(test))
+
+
+def test_hard_negatives_need_their_cached_states_then_train_with_both_losses(project, tmp_path, ray_session):
+    """With train.hard_negatives on, training refuses a cache without the negatives' states (named); the cache
+    stage then adds only them (every caption shard reused), and a run trains on them, with the clip and the
+    siglip loss."""
+    from mpe.errors import StageInputError
+    from mpe.stages import cache
+    from mpe.stages.train import run as run_train_stage
+
+    path = copy_project(
+        project,
+        tmp_path,
+        train={"hard_negatives": {"enabled": True, "per_caption": 2}, "max_steps": 2, "num_workers": 2},
+    )
+    params = load_params(path)
+    with pytest.raises(StageInputError, match="hard-negatives shard"):
+        run_train_stage(params)
+    summary = cache.run(params)
+    assert summary["shards_computed"] == 0 and summary["negative_shards_computed"] == summary["data_shards"]
+    assert cache.run(params)["negative_shards_computed"] == 0  # current: kept
+    for kind in ("clip", "siglip"):
+        p = load_params(path, [f"model.loss.kind={kind}", f"train.run_name=hn-{kind}"])
+        result = run_train_stage(p)
+        history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+        assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
