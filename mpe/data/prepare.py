@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -170,6 +171,10 @@ def download_split(
         from mpe.runtime.ray_cluster import ensure_ray
 
         ensure_ray(ray or RayConfig())
+    elif cfg.distributor == "pyspark":
+        # img2dataset starts a local Spark session (local[processes]) when none is active; its Python workers
+        # run PYSPARK_PYTHON, by default the first python3 on PATH, which need not have img2dataset
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
     out.mkdir(parents=True, exist_ok=True)
     download(
