@@ -107,7 +107,6 @@ def pull(project: Path, targets: list[str] = (), remote: str | None = None, log:
 def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
     """The outputs (of ``targets``' stages, or all) whose workspace bytes differ from ``dvc.lock``; changed
     code or params deps are not counted: they say the pipeline would run again, not that outputs differ."""
-    import json
 
     out = subprocess.run(
         [sys.executable, "-m", "dvc", "status", "--json", *targets],
@@ -124,18 +123,3 @@ def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:
             if isinstance(entry, dict) and "changed outs" in entry:
                 changed += [f"{path} ({what})" for path, what in entry["changed outs"].items()]
     return changed
-
-
-def status_clean(project: Path) -> tuple[bool, str]:
-    """``dvc status``: clean when every stage is up to date. A stage DVC always reruns by design (``sources``,
-    which lists the URL-list parts) is not a change."""
-    out = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True, env=_quiet_env()
-    )
-    text = out.stdout + out.stderr
-    try:
-        changes = json.loads(out.stdout or "{}")
-    except ValueError:
-        return False, text
-    changed = {stage: what for stage, what in changes.items() if what != ["always changed"]}
-    return out.returncode == 0 and not changed, text

@@ -69,3 +69,24 @@ def project_env(proj: Path, **extra) -> dict:
         **extra,
     }
     return env
+
+
+def status_clean(project: Path) -> tuple[bool, str]:
+    """``dvc status``: clean when every stage is up to date. A stage DVC always reruns by design (``sources``,
+    which lists the URL-list parts) is not a change."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
+    text = out.stdout + out.stderr
+    try:
+        changes = json.loads(out.stdout or "{}")
+    except ValueError:
+        return False, text
+    changed = {stage: what for stage, what in changes.items() if what != ["always changed"]}
+    return out.returncode == 0 and not changed, text

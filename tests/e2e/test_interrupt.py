@@ -93,7 +93,7 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert [m.name for m in _registered(proj)] == ["mpe-faults"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
     assert [str(v.version) for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
-    from mpe.provenance.dvc import status_clean
+    from tests.e2e.project import status_clean
 
     clean, text = status_clean(proj)
     assert clean, text  # every output intact, none half-written

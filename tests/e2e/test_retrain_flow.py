@@ -232,7 +232,7 @@ def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tracking_uri
     client = _registry(tracking_uri)
     assert str(client.get_model_version_by_alias("mpe-e2e", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("mpe-e2e", "challenger").version) == "3"
-    from mpe.provenance.dvc import status_clean
+    from tests.e2e.project import status_clean
 
     clean, text = status_clean(proj)
     assert clean, text
@@ -318,8 +318,8 @@ def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
     only, and the cache (persist: true) is neither recomputed nor deleted."""
     proj, _ = project
     files = {p: p.stat().st_mtime_ns for d in ("cache", "models") for p in (proj / d).rglob("*") if p.is_file()}
-    for name in ("plots.py", "evaluation.py"):
-        code = proj / "mpe" / name
+    for name in ("plots.py", "tasks.py"):
+        code = proj / "mpe" / "evaluation" / name
         code.write_text(code.read_text() + "\n# an edit to evaluation code alone\n")
     out = _run([sys.executable, "-m", "dvc", "repro"], proj, prefect_env)
     assert "Running stage 'evaluate'" in out, out

@@ -43,8 +43,8 @@ def _params(project, tiny_base_dir, tmp_path, benchmarks):
         root,
         tiny_base_dir,
         train={"out_dir": str(tmp_path / "trained")},
+        metrics_dir=str(tmp_path / "metrics"),
         evaluate={
-            "out_dir": str(tmp_path / "metrics"),
             "plots_dir": str(tmp_path / "plots"),
             "compare_untrained": False,
             "benchmarks": benchmarks,

@@ -98,7 +98,7 @@ def test_other_config_gets_another_folder_and_a_mismatch_is_refused(project):
 def _copy_project(root: Path, tmp_path: Path, **cache) -> Path:
     data = yaml.safe_load((root / "params.yaml").read_text())
     data["cache"] = {**data["cache"], "root": str(tmp_path / "cache"), **cache}
-    data["evaluate"] = {**data["evaluate"], "out_dir": str(tmp_path / "metrics")}
+    data["metrics_dir"] = str(tmp_path / "metrics")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     return tmp_path / "params.yaml"
 

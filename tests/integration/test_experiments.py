@@ -4,6 +4,7 @@ back from MLflow alone, and a rerun that skips what is done."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from tests.project_config import small_params
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 SUITE = {
     "name": "tiny",
     "seeds": [0],
@@ -40,6 +42,7 @@ def suite_project(tmp_path_factory, tiny_base_dir):
         }
     params["mlflow"] = {"tracking_uri": "sqlite:///mlruns.db", "artifact_root": "mlartifacts"}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copytree(REPO / "flows", root / "flows")  # a project's flows, loaded by path as Prefect loads them
     (root / "experiments").mkdir()
     (root / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(SUITE))
     env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

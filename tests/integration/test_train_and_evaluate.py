@@ -52,7 +52,7 @@ def test_a_restarted_run_trains_on_exactly_the_samples_of_an_uninterrupted_one(t
         root,
         tiny_base_dir,
         train={"log_sample_keys": True, "run_name": "uninterrupted", "out_dir": str(root / "models" / "uninterrupted")},
-        evaluate={"out_dir": str(root / "metrics-uninterrupted")},
+        metrics_dir=str(root / "metrics-uninterrupted"),
     )
     straight = run_train_stage(load_params(write_params(root, data)))
     assert straight["restored_from_step"] is None

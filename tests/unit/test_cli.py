@@ -93,3 +93,97 @@ def test_run_refuses_a_params_file_dvc_does_not_read(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "other.yaml" in err and "cp other.yaml params.yaml" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.yaml", "params.yaml"]
+
+
+def _show(argv, capsys) -> dict:
+    import yaml
+
+    assert main(argv) == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_params_and_overrides_are_the_same_before_or_after_the_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text("train: {lr: 0.001}\nevaluate: {ks: [1, 5]}\n")
+    after = _show(["params", "show", "--params", "p.yaml", "--set", "train.lr=0.002", "--set", "seed=3"], capsys)
+    before = _show(["--params", "p.yaml", "--set", "train.lr=0.002", "params", "show", "--set", "seed=3"], capsys)
+    assert after == before
+    assert (after["train"]["lr"], after["seed"], after["evaluate"]["ks"]) == (0.002, 3, [1, 5])
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("train.lr=fast", "train.lr"),  # typed like the file
+        ("train.no_such_key=1", "train.no_such_key"),  # unknown keys refused by name
+        ("evaluate.ks=[0, 5]", "evaluate.ks"),  # validated like the file
+        ("train.lr", "key.path=value"),  # not an assignment
+        ("seed.deeper=1", "seed is a value"),  # a value is not a section
+    ],
+)
+def test_a_bad_override_is_one_line_naming_the_key(tmp_path, capsys, monkeypatch, override, named):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    assert main(["params", "show", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
+def test_the_tracking_uri_is_the_option_then_mlflow_s_variable_then_params(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'sqlite:///from-params.db'}\n")
+    assert _show(["params", "show"], capsys)["mlflow"]["tracking_uri"] == "sqlite:///from-params.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert _show(["params", "show"], capsys)["mlflow"]["tracking_uri"] == "http://127.0.0.1:5999"
+    shown = _show(["params", "show", "--tracking-uri", "sqlite:///from-option.db"], capsys)
+    assert shown["mlflow"]["tracking_uri"] == "sqlite:///from-option.db"
+
+
+def test_a_broken_params_file_does_not_break_commands_that_do_not_read_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("model: [not, a, mapping\n")
+    with pytest.raises(SystemExit) as exit_:  # exit 3: "not running"; the params were never read
+        main(["tracking-server", "status", "--dir", str(tmp_path / "none")])
+    assert exit_.value.code == 3 and "not running" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--text-file",
+                str(tmp_path / "none.txt"),
+                "--out",
+                str(tmp_path / "e.npy"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "none.txt" in err and "params.yaml" not in err
+    assert main(["params", "show"]) == 2 and "params.yaml: not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [("", "empty"), (b"\xff\xfe\x00binary", "not a UTF-8 text file")])
+def test_an_empty_or_binary_params_file_is_named(tmp_path, capsys, monkeypatch, content, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["params", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "params.yaml" in err and message in err
+
+
+@pytest.mark.parametrize("argv", [["run", "--wait", "-3"], ["compare", "--last", "-5"], ["compare", "--last", "0"]])
+def test_negative_counts_and_waits_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "must be > 0" in capsys.readouterr().err
+
+
+def test_version():
+    from mpe import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and __version__

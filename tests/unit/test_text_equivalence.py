@@ -6,8 +6,8 @@ import torch
 
 from mpe.config import TextConfig
 from mpe.model.text.apt_tokens import add_apt_tokens
-from mpe.model.text.prompt_mask import causal_attention_mask
-from mpe.model.text.prompt_sequence import tokenize_captions
+from mpe.model.text.prompt_mask import to_additive
+from mpe.model.text.prompt_sequence import PAD_SEGMENT, tokenize_captions
 from mpe.model.text.tower import LLMTextTower
 from tests.conftest import ARCHS, tiny_lm
 
@@ -18,6 +18,18 @@ CAPTIONS = [
     "a small green heart above a purple cross on a plain gray background",
 ]
 TOL = 1e-4
+
+
+def causal_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A plain causal mask over the same padded batch: the control that must fail the equivalence test
+    (here, not in mpe: nothing in the pipeline uses it)."""
+    b, t = segment_ids.shape
+    cols = torch.arange(t, device=segment_ids.device)
+    causal = (cols[:, None] >= cols[None, :])[None].expand(b, t, t)
+    real = segment_ids != PAD_SEGMENT
+    allowed = causal & real[:, None, :] & real[:, :, None]
+    eye = torch.eye(t, dtype=torch.bool, device=segment_ids.device)[None]
+    return to_additive(allowed | (~real[:, :, None] & eye), dtype)
 
 
 def make_tower(arch, tokenizer, attn="eager", **text):

@@ -53,14 +53,3 @@ def prompt_attention_mask(
 ) -> torch.Tensor:
     """The prompt-wise additive mask ``(B, 1, T, T)``."""
     return to_additive(allowed_pairs(segment_ids, position_ids, sliding_window), dtype)
-
-
-def causal_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A plain causal mask over the same padded batch: the control that must fail the equivalence test."""
-    b, t = segment_ids.shape
-    cols = torch.arange(t, device=segment_ids.device)
-    causal = (cols[:, None] >= cols[None, :])[None].expand(b, t, t)
-    real = segment_ids != PAD_SEGMENT
-    allowed = causal & real[:, None, :] & real[:, :, None]
-    eye = torch.eye(t, dtype=torch.bool, device=segment_ids.device)[None]
-    return to_additive(allowed | (~real[:, :, None] & eye), dtype)
