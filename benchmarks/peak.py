@@ -14,9 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mpe.records import PEAK  # noqa: E402
 from mpe.runtime.peak import Peak, measure_peak, read_peak, write_peak  # noqa: E402
 
-DEFAULT = ROOT / "metrics" / "peak.json"
+DEFAULT = ROOT / "metrics" / PEAK
 
 
 def load_peak(path: Path = DEFAULT) -> Peak:

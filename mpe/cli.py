@@ -151,7 +151,9 @@ def cmd_plan(args) -> None:
     clusters = [load_cluster(c) for c in args.cluster]
     peak = None
     if any(c.accelerator.peak_tflops == "measured" for c in clusters):
-        peak_file = Path(args.peak or Path(params.metrics_dir) / "peak.json")
+        from mpe.records import PEAK, metrics_file
+
+        peak_file = Path(args.peak or metrics_file(params.metrics_dir, PEAK))
         peak = read_peak(peak_file) if peak_file.exists() else None
         if peak is None:
             print("measuring this machine's peak (mpe.runtime.peak) ...", file=sys.stderr, flush=True)
