@@ -138,3 +138,15 @@ def test_mpe_plan_prices_laion_400m_with_gemma_2b_from_its_config_alone(capsys, 
     assert (f16["steps"], plans[2]["steps"]) == (math.ceil(400e6 / 1024), math.ceil(400e6 / 8192))
     assert plans[2]["seconds"] < f16["seconds"]  # 64 GPUs finish sooner than 8
     assert "| 64 × H100 | float8_e4m3_row |" in out
+
+
+def test_a_peak_file_reads_back_and_so_does_one_in_the_benchmarks_old_form(tmp_path):
+    from mpe.runtime.peak import Peak, read_peak, write_peak
+
+    peak = Peak({"float32": 1.8e11, "bfloat16": 2e9}, 1.2e10, 2, [[4096, 576, 1536]])
+    write_peak(peak, tmp_path / "peak.json")
+    assert read_peak(tmp_path / "peak.json") == peak and peak.best_precision() == "float32"
+    old = {"threads": 2, "fp32_flops": 2.2e11, "bf16_flops": 9.88e11, "mem_bytes_per_s": 4.5e10}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert read_peak(tmp_path / "old.json").best_precision() == "bfloat16"
+    assert read_peak(tmp_path / "missing.json") is None
