@@ -20,7 +20,7 @@ start=$(date +%s)
 installed=$(date +%s)
 .venv/bin/python benchmarks/peak.py --out "$OUT/peak_before.json" | tee "$OUT/peak_before.md"
 before_run=$(date +%s)
-( .venv/bin/mpe run ) 2>&1 | stamp > "$OUT/run.log"
+( make run ) 2>&1 | stamp > "$OUT/run.log"
 end=$(date +%s)
 .venv/bin/python benchmarks/peak.py --out "$OUT/peak_after.json" | tee "$OUT/peak_after.md"
 .venv/bin/python benchmarks/stages.py --project "$CLONE" --peak "$OUT/peak_before.json" --out "$OUT/stages.json" \
