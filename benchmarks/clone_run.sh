@@ -3,9 +3,11 @@
 # compute stage against that peak (benchmarks/stages.py) and each stage's time from the flow's log. Run it
 # under the machine's heavy-job lock so nothing else heavy shares the cores:
 #   flock /work/heavy.lock bash benchmarks/clone_run.sh [REPO] [OUT_DIR]
-# pip's download cache should be warm (an earlier `make install`), as a returning user's is.
+# pip's download cache should be warm (an earlier `make install`), as a returning user's is. The measuring
+# scripts are this script's own (so a clone of an older commit is measured the same way).
 set -euo pipefail
-REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=${1:-$(cd "$HERE/.." && pwd)}
 OUT=${2:-/tmp/mpe-clone-run-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 CLONE="$OUT/clone"
@@ -18,12 +20,12 @@ PY=$(command -v python3)
 start=$(date +%s)
 ( make install ) 2>&1 | stamp > "$OUT/install.log"
 installed=$(date +%s)
-.venv/bin/python benchmarks/peak.py --out "$OUT/peak_before.json" | tee "$OUT/peak_before.md"
+.venv/bin/python "$HERE/peak.py" --out "$OUT/peak_before.json" | tee "$OUT/peak_before.md"
 before_run=$(date +%s)
 ( make run ) 2>&1 | stamp > "$OUT/run.log"
 end=$(date +%s)
-.venv/bin/python benchmarks/peak.py --out "$OUT/peak_after.json" | tee "$OUT/peak_after.md"
-.venv/bin/python benchmarks/stages.py --project "$CLONE" --peak "$OUT/peak_before.json" --out "$OUT/stages.json" \
+.venv/bin/python "$HERE/peak.py" --out "$OUT/peak_after.json" | tee "$OUT/peak_after.md"
+.venv/bin/python "$HERE/stages.py" --project "$CLONE" --peak "$OUT/peak_before.json" --out "$OUT/stages.json" \
   | tee "$OUT/stages.md"
 "$PY" - "$OUT" <<'PY'
 import json, re, sys
