@@ -321,6 +321,12 @@ def build_plans(
     from mpe.planning.work import count_model_work, model_source
 
     text = params.model.text
+    if not params.cache.enabled or text.pooling == "vanilla_clip":
+        # a step that runs the whole LLM (LoRA) or a text tower of its own is not what the planner counts
+        raise ConfigError(
+            "the planner prices runs that cache the LLM's trunk (cache.enabled: true, an LLM pooling); "
+            f"these params have cache.enabled: {params.cache.enabled}, model.text.pooling: {text.pooling}"
+        )
     lm_config, tokenizer, how = model_source(params.base_model, text, model_config)
     try:
         corpus = measure_corpus(params.data, params.seed, tokenizer, text.max_caption_tokens)

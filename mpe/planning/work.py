@@ -11,6 +11,7 @@ closed form.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def _meta_model(lm_config, tokenizer, model: ModelConfig):
 
     # A pretrained vision tower's sizes are in the config already; its weights are not needed to count.
     vision = VisionConfig(**{**model.vision.model_dump(), "pretrained": None, "freeze": False})
+    lm_config = copy.deepcopy(lm_config)
     lm_config.vocab_size = max(lm_config.vocab_size, len(tokenizer))  # room for the APT tokens
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation=model.text.attn_implementation)
@@ -85,8 +87,6 @@ def count_model_work(lm_config, tokenizer, model: ModelConfig, train_tokens: int
     from mpe.model.objective import model_loss, text_from_cache
     from mpe.model.text.prompt_sequence import build_batch
 
-    if model.text.pooling == "vanilla_clip":
-        raise NotImplementedError("the planner counts LLM text towers; vanilla_clip caches nothing")
     clip = _meta_model(lm_config, tokenizer, model)
     tower = clip.text
     rows = tower.layout.segments_len

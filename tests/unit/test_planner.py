@@ -150,3 +150,12 @@ def test_a_peak_file_reads_back_and_so_does_one_in_the_benchmarks_old_form(tmp_p
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert read_peak(tmp_path / "old.json").best_precision() == "bfloat16"
     assert read_peak(tmp_path / "missing.json") is None
+
+
+def test_a_run_that_caches_nothing_is_refused_naming_the_keys(capsys):
+    from mpe.cli import main
+
+    cluster = str(ROOT / "plans" / "clusters" / "h100x8.yaml")
+    rc = main(["plan", "--cluster", cluster, "--set", "cache.enabled=false", "--set", "model.text.tuning=lora"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cache.enabled: False" in err and len(err.strip().splitlines()) == 1, err
