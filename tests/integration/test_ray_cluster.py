@@ -190,6 +190,7 @@ def _download_params(root: Path, url_list: Path, **data) -> Path:
         root / "unused-base",
         data={"source": "url_list", "url_list": str(url_list), "samples_per_shard": 4, "timeout": 60, **data},
     )
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(p))
     return path
