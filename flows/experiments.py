@@ -21,14 +21,17 @@ disable_telemetry()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from mpe import storage  # noqa: E402
 from mpe.config import load_params  # noqa: E402
 from mpe.evaluation.experiments.suite import RunSpec, expand, load_suite, suite_path  # noqa: E402
+from mpe.files import storage  # noqa: E402
 from mpe.records import EVAL, read_metrics  # noqa: E402
+from mpe.runtime.prefect_server import one_line_user_errors  # noqa: E402
 from mpe.runtime.project_lock import project_lock  # noqa: E402
 from mpe.stages import base_model, cache, data, evaluate, reweight, train  # noqa: E402
 from mpe.tracking.runs import parent_run  # noqa: E402
 from mpe.tracking.settings import resolve_tracking_uri, tracking_settings  # noqa: E402
+
+one_line_user_errors()  # a Ctrl-C or bad input ends in its one line, not a traceback
 
 
 def _done(spec: RunSpec) -> bool:

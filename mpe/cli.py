@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mpe import __version__
 from mpe.errors import ConfigError, Interrupted
 
 DEFAULT_PARAMS = "params.yaml"
+SERVING_COMMANDS = ("serve", "ui", "schedule")  # they run until Ctrl-C
 
 
 def _params(args, required: bool = True):
@@ -73,7 +76,13 @@ def cmd_sources(args) -> None:
     from mpe.stages import sources
 
     listing = sources.run(params)
-    print(f"{listing['source']}: {len(listing['parts'])} URL list parts")
+    base = listing["base_model"].get("local_sha256")
+    vision = listing["vision"]["sha256"]
+    print(
+        f"{listing['source']}: {len(listing['parts'])} URL list parts; base model "
+        + (f"folder sha256 {base[:12]}" if base else listing["base_model"]["name"])
+        + (f"; vision tower sha256 {vision[:12]}" if vision else "")
+    )
 
 
 def cmd_data(args) -> None:
@@ -83,6 +92,13 @@ def cmd_data(args) -> None:
     stats = data.run(params)
     for split, s in stats["splits"].items():
         print(f"{split}: {s['successes']}/{s['count']} images ({s['success_rate']:.1%})")
+    for part, rep in stats.get("url_list_report", {}).items():
+        if rep.get("repeated_url_rows"):
+            print(
+                f"{part}: {rep['repeated_url_rows']} of {rep['train'] + rep['test']} rows repeat a URL of an "
+                f"earlier row ({rep['distinct_urls']} distinct URLs; first: {rep['repeated_urls'][0]}); each row "
+                "is kept as a sample, and a URL's rows stay in one split (metrics/data.json url_list_report)"
+            )
 
 
 def cmd_base_model(args) -> None:
@@ -216,6 +232,8 @@ def cmd_tracking_server(args) -> None:
     if args.action == "start":
         state = tracking_server.start(args.dir, args.port, args.os_user, args.workers)
         how = "already running" if state["already_running"] else "started"
+        if state["repaired"]:
+            how = f"restarted ({'; '.join(state['repaired'])})"
         print(
             f"MLflow tracking server {how}: {state['tracking_uri']} (PostgreSQL on 127.0.0.1:{state['pg_port']}, "
             f"pid {state['pid']}, logs and artifacts in {args.dir}/)\n"
@@ -230,6 +248,13 @@ def cmd_tracking_server(args) -> None:
             print(f"not running ({args.dir})")
             raise SystemExit(3)
         _print_json(state)
+        if not state["healthy"]:
+            print(
+                f"mpe tracking-server: unhealthy: {'; '.join(state['problems'])}; "
+                f"`mpe tracking-server start --dir {args.dir}` restarts it, `stop` ends every process listed",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 def cmd_serve(args) -> None:
@@ -240,11 +265,29 @@ def cmd_serve(args) -> None:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars")
+        for k in ("host", "port", "max_body_mb", "max_rows", "max_caption_chars", "max_request_megapixels")
         if getattr(args, k) is not None
     }
     cfg = validate(ServeConfig, {**params.serve.model_dump(), **overrides}, "serve (params and options)")
-    serve(args.model or f"models:/{params.registry.model_name}@champion", cfg, params.mlflow.tracking_uri)
+    serve(
+        args.model or f"models:/{params.registry.model_name}@champion",
+        cfg,
+        params.mlflow.tracking_uri,
+        args.index,
+        params.search,
+        None if args.no_search else params.search.out_dir,
+    )
+
+
+def cmd_index(args) -> None:
+    params = _params(args, required=False)
+    from mpe.stages import search_index
+
+    meta = search_index.run(params, args.model, args.out)
+    print(
+        f"{'built' if meta['built'] else 'kept'} the search index of {meta['count']} images "
+        f"({meta['index_key']}, model {meta['model']['sha256'][:12]}) in {meta['out_dir']}"
+    )
 
 
 def cmd_ui(args) -> None:
@@ -253,6 +296,7 @@ def cmd_ui(args) -> None:
     from mpe.tracking.settings import tracking_settings
 
     settings = tracking_settings(params.mlflow)
+    _own_children()
     user_interfaces(settings.tracking_uri, settings.artifact_location, args.mlflow_port, args.prefect_port)
 
 
@@ -260,6 +304,7 @@ def cmd_experiments_run(args) -> None:
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 
+    _own_children()
     with project_lock(".", wait=0), prefect_server():
         experiment_suite = load_flow(".", "experiments.py:experiment_suite")
         print(experiment_suite(args.name, args.form, ".", args.only or None))
@@ -296,11 +341,20 @@ def _write_overrides(args, path: Path) -> None:
             print(line, file=sys.stderr)
 
 
+def _own_children() -> None:
+    """What this command starts (Prefect's server, DVC, the stages and their Ray cluster) ends with it, even
+    when it is killed; what an earlier, killed command left is stopped first (``mpe.runtime.lifeline``)."""
+    from mpe.runtime.lifeline import own
+
+    own(say=lambda m: print(m, file=sys.stderr))
+
+
 def cmd_run(args) -> None:
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 
     path = _project_params(args)
+    _own_children()
     # taken before Prefect starts, so a second run is refused (or waits) at once
     with project_lock(".", wait=args.wait, say=lambda m: print(m, file=sys.stderr)):
         _write_overrides(args, path)
@@ -325,6 +379,8 @@ def cmd_run(args) -> None:
             params.mlflow.experiment,
             params.dvc.remote,
         )
+        + f"\nsearch: the registered model's index in {params.search.out_dir}/; `mpe serve` shows it on "
+        f"http://{params.serve.host}:{params.serve.port}/"
     )
 
 
@@ -340,6 +396,8 @@ def cmd_schedule(args) -> None:
     _write_overrides(args, path)
     schedule = _params(args).schedule
     from mpe.runtime.prefect_server import load_flow, serve_on_schedule
+
+    _own_children()
 
     serve_on_schedule(
         load_flow(".", "retrain.py:retrain"),
@@ -400,7 +458,7 @@ def _merge_common(args) -> None:
 
 
 STAGES = [
-    ("sources", cmd_sources, "list the URL list's parts with their hashes (a new part reruns data)"),
+    ("sources", cmd_sources, "hash the URL list's parts and local model folders (a change reruns what reads them)"),
     ("data", cmd_data, "write the URL lists and download them with img2dataset into webdataset shards"),
     ("base-model", cmd_base_model, "resolve the base LLM, add the APT tokens, save safetensors"),
     ("cache", cmd_cache, "store the frozen trunk's hidden states for every unique caption"),
@@ -428,16 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     init = command("init", cmd_model_init, "write an untrained model folder", model)
     init.add_argument("--base", help="local dir, hub id, or bundled name (default: params base_model.name)")
-    init.add_argument("--out", required=True)
-    init.add_argument("--num-prompts", type=_positive(int))
+    init.add_argument("--out", required=True, help="the model folder to write")
+    init.add_argument("--num-prompts", type=_positive(int), help="K (default: params model.text.num_prompts)")
 
     emb = command("embed", cmd_embed, "embed a text file (one caption per line) or a folder of images")
     emb.add_argument("--model", required=True, help="a trained model folder")
     src = emb.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file")
-    src.add_argument("--image-dir")
+    src.add_argument("--text-file", help="captions, one per line (blank lines skipped)")
+    src.add_argument("--image-dir", help="a folder of images")
     emb.add_argument("--out", required=True, help="the .npy file to write")
-    emb.add_argument("--batch-size", type=_positive(int), default=32)
+    emb.add_argument("--batch-size", type=_positive(int), default=32, help="rows per forward pass")
 
     for name, func, text in STAGES:
         command(name, func, text)
@@ -452,12 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="if another run holds this project, wait for it (at most SECONDS) instead of stopping",
     )
     pool = command("work-pool", cmd_work_pool, "create the Prefect process work pool (offline-safe)")
-    pool.add_argument("--name", default="local-process")
+    pool.add_argument("--name", default="local-process", help="the work pool's name")
     cmp_ = command("compare", cmd_compare, "a markdown table of the last N MLflow runs, or of a suite")
-    cmp_.add_argument("--last", type=_positive(int), default=5)
-    cmp_.add_argument("--out", default="metrics/compare.md")
+    cmp_.add_argument("--last", type=_positive(int), default=5, help="how many of the latest runs")
+    cmp_.add_argument("--out", default="metrics/compare.md", help="the markdown file written")
     cmp_.add_argument("--suite", help="an experiment suite's cells (mean ± std over seeds, from MLflow)")
-    cmp_.add_argument("--form", default="quick")
+    cmp_.add_argument("--form", default="quick", help="the suite's budget (with --suite)")
     plan = command("plan", cmd_plan, "predict every stage's data, FLOPs, time and accelerator-hours on a cluster")
     plan.add_argument(
         "--cluster", action="append", required=True, metavar="FILE", help="a cluster description (repeatable)"
@@ -477,15 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = command("reproduce", cmd_reproduce, "restore a registered version's lock, params and outputs (dvc pull)")
     rp.add_argument("--model", help="registered model name (default: params register.model_name)")
     which = rp.add_mutually_exclusive_group()
-    which.add_argument("--version")
-    which.add_argument("--alias")
+    which.add_argument("--version", help="the registered version")
+    which.add_argument("--alias", help="the registered alias (champion, challenger)")
     rp.add_argument("--only", choices=["model"], help="pull the trained model alone (what a serving host needs)")
     params = sub.add_parser("params", help="the effective params").add_subparsers(dest="params_command", required=True)
     command("show", cmd_params_show, "print the params after --set, validated (what a stage would read)", params)
     ts = command(
         "tracking-server", cmd_tracking_server, "a local MLflow tracking server on PostgreSQL (start, stop, status)"
     )
-    ts.add_argument("action", choices=["start", "stop", "status"])
+    ts.add_argument("action", choices=["start", "stop", "status"], help="start (or reuse), stop, or show it")
     ts.add_argument("--dir", default=".mlflow-pg", help="its folder: cluster, passfile, artifacts, logs")
     ts.add_argument(
         "--port",
@@ -505,27 +563,43 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-mb", type=_positive(float), help="request body limit in MiB (default: params serve)")
     sv.add_argument("--max-rows", type=_positive(int), help="rows per request (default: params serve.max_rows)")
     sv.add_argument("--max-caption-chars", type=_positive(int), help="longest caption accepted (default: params serve)")
+    sv.add_argument(
+        "--max-request-megapixels",
+        type=_positive(float),
+        help="decoded pixels of a request's images together, in millions (default: params serve)",
+    )
+    sv.add_argument(
+        "--index",
+        metavar="DIR",
+        help="search index folder built from this model (default: the registered version's own, else "
+        "search.out_dir if built from this model); adds /search and the search page at /",
+    )
+    sv.add_argument("--no-search", action="store_true", help="serve embeddings only, even if an index is at hand")
+    ix = command("index", cmd_index, "build the search index of a model's image embeddings (FAISS) for mpe serve")
+    ix.add_argument("--model", help="a model folder, models:/NAME@ALIAS or runs:/ID/model (default: train.out_dir)")
+    ix.add_argument("--out", metavar="DIR", help="the index folder (default: params search.out_dir)")
     ui = command("ui", cmd_ui, "the MLflow and Prefect UIs on 127.0.0.1 (Ctrl-C stops both)")
-    ui.add_argument("--mlflow-port", type=_positive(int), default=5000)
-    ui.add_argument("--prefect-port", type=_positive(int), default=4200)
+    ui.add_argument("--mlflow-port", type=_positive(int), default=5000, help="the MLflow UI's port")
+    ui.add_argument("--prefect-port", type=_positive(int), default=4200, help="the Prefect UI's port")
     rw = command("reweight", cmd_reweight, "aspect weights chosen on the validation split, test gain")
     rw.add_argument("--model", help="model folder (default: train.out_dir)")
     exp = sub.add_parser("experiments", help="experiment suites (experiments/<name>.yaml)").add_subparsers(
         dest="experiments_command", required=True
     )
     er = command("run", cmd_experiments_run, "run every cell and seed of a suite (resumes a stopped one)", exp)
-    er.add_argument("name")
+    er.add_argument("name", help="the suite: experiments/<name>.yaml")
     er.add_argument("--form", default="quick", help="the suite's budget (forms in the suite file)")
     er.add_argument("--only", nargs="*", help="run only these cells")
     ep = command("report", cmd_experiments_report, "write docs/RESULTS.md and a plot from MLflow", exp)
-    ep.add_argument("name")
-    ep.add_argument("--form", default="quick")
-    ep.add_argument("--out", default="docs/RESULTS.md")
+    ep.add_argument("name", help="the suite: experiments/<name>.yaml")
+    ep.add_argument("--form", default="quick", help="the suite's budget")
+    ep.add_argument("--out", default="docs/RESULTS.md", help="the report written (a plot beside it)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from mpe.errors import user_message
+    from mpe.runtime.lifeline import terminate_as_interrupt, terminated_by
     from mpe.runtime.telemetry import disable_telemetry
 
     disable_telemetry()
@@ -533,22 +607,34 @@ def main(argv: list[str] | None = None) -> int:
     _merge_common(args)
     if args.tracking_uri:  # for this command and every stage it runs (their own resolver reads it)
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    if argv is None and threading.current_thread() is threading.main_thread():  # the command, not a caller's test
+        terminate_as_interrupt()  # `kill`, `timeout`, a scheduler's stop: a Ctrl-C, finished work kept
+
+    def stopped() -> int:  # 130 for a Ctrl-C, 128 + the signal for SIGTERM, as a shell reports them
+        return 128 + terminated_by() if terminated_by() else 130
+
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print(
-            f"mpe {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr
-        )
-        return 130
+        if args.command in SERVING_COMMANDS:  # nothing to resume: Ctrl-C is how these end
+            print(f"mpe {args.command}: stopped", file=sys.stderr)
+            return 130
+        how = f"stopped by {signal.Signals(terminated_by()).name}" if terminated_by() else "interrupted"
+        print(f"mpe {args.command}: {how}; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return stopped()
     except Exception as err:
         message = user_message(err)
         if message is None or args.debug:
             raise
+        if isinstance(err, Interrupted):
+            how = f"stopped by {signal.Signals(terminated_by()).name}: " if terminated_by() else ""
+            print(f"mpe {args.command}: {how}{message}", file=sys.stderr)
+            return stopped()
         print(
             f"mpe {args.command}: error: {message}" + ("" if "\n" in message else " (--debug shows the traceback)"),
             file=sys.stderr,
         )
-        return 130 if isinstance(err, Interrupted) else 2
+        return 2
     return 0
 
 

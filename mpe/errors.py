@@ -39,25 +39,53 @@ class ServiceError(MpeError):
     why and where its log is."""
 
 
+class TrackingError(MpeError):
+    """The MLflow tracking store cannot be used (a damaged SQLite file, a server that does not answer); the
+    message names it and what to do."""
+
+
+class StorageError(MpeError):
+    """A folder cannot take a stage's output (a mount point a rename cannot replace, a read-only file
+    system); the message names it and what to do."""
+
+
 class Interrupted(MpeError):
     """The user stopped the run (Ctrl-C); finished work is kept and a rerun resumes."""
 
 
-def user_message(err: BaseException) -> str | None:
-    """One line for an error a user can act on, or None for a bug (which keeps its traceback)."""
+def _storage_advice() -> dict[int, str]:
     import errno
 
+    kept = "(finished work is kept)"
+    return {
+        errno.ENOSPC: f"no space left on the device; free some space and rerun {kept}",
+        errno.EDQUOT: f"disk quota exceeded; free some space or raise the quota and rerun {kept}",
+        errno.EFBIG: f"file too large for the file system or the size limit (ulimit -f); raise it and rerun {kept}",
+        errno.EROFS: f"read-only file system; remount it writable or point the params at a writable folder {kept}",
+        errno.EBUSY: (
+            "busy: a mount point (or a folder in use) cannot be replaced, and a finished folder replaces its "
+            f"target by a rename; mount the volume one level up, or write to a folder inside it {kept}"
+        ),
+    }
+
+
+_STORAGE_ADVICE = _storage_advice()
+
+
+def user_message(err: BaseException) -> str | None:
+    """One line for an error a user can act on, or None for a bug (which keeps its traceback)."""
     name = type(err).__name__
     if isinstance(err, MpeError):
         return str(err)
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = err.filename or "a file"
-        return f"{where}: no space left on the device; free some space and rerun (finished work is kept)"
+    if isinstance(err, OSError) and err.errno in _STORAGE_ADVICE:
+        return f"{err.filename or 'a file'}: {_STORAGE_ADVICE[err.errno]}"
     if isinstance(err, PermissionError):
         where = err.filename or err
         return f"{where}: permission denied; make it (and its folder) writable, or point the params elsewhere"
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return f"{err.filename}: {err.strerror.lower()}" if err.filename else str(err)
+    if name == "SafetensorError" and "serializing" in str(err) and "deserializing" not in str(err):
+        return f"a safetensors file could not be written: {err}"
     if name == "SafetensorError":
         return f"a safetensors file is unreadable (truncated or corrupt): {err}"
     if name in ("WorkerGroupError", "TrainingFailedError") or name.endswith("WorkerGroupError"):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 # The files every stage writes in the metrics folder (params ``metrics_dir``).
 SOURCES = "sources.json"  # stage sources: the URL list parts and their hashes
+BASE_MODEL_SOURCE = "base_model_source.json"  # stage sources: the base LLM, a local folder by its content
+VISION_SOURCE = "vision_source.json"  # stage sources: a pretrained vision tower's content (sha256)
 DATA = "data.json"  # stage data: counts by split and by status class
 CACHE = "cache.json"  # stage cache: shards computed and reused, precision, speed
 TRAIN = "train.json"  # stage train: the TrainingSummary below
@@ -71,8 +73,9 @@ class TrainingSummary:
 
 def training_run_id(metrics_dir: str | Path) -> str | None:
     """The MLflow run that trained the model in this project, if the train stage logged one."""
-    summary = TrainingSummary.read(metrics_dir)
-    return summary.mlflow_run_id if summary else None
+    # Only the run id is read: a train.json from another mpe version still names its run.
+    data = read_metrics(metrics_dir, TRAIN)
+    return data.get("mlflow_run_id") if data else None
 
 
 # An evaluation report's sections and the MLflow metric-key prefix of each. ``trained`` is the model the
@@ -154,11 +157,30 @@ SHORT = {
     "zero_shot_colour_accuracy": "0-shot colour",
     "caption_over_negated_accuracy": "caption>negated",
     "inter_prompt_cosine": "inter-prompt cos",
+    "macro_accuracy": "macro acc.",
+    "text_score": "text",
+    "image_score": "image",
+    "group_score": "group",
+}
+# Short names of a metric's section: the shapes world's own compositional sets, and the analysis section
+# (whose names are unique on their own: ``aspect_shape_full``, ``probe_shape``).
+SHORT_SECTIONS = {
+    "shapes_sugarcrepe": "SugarCrepe",
+    "shapes_aro_relation": "VG-R",
+    "shapes_aro_attribution": "VG-A",
+    "shapes_winoground": "Winoground",
+    "analysis": "",
 }
 
 
 def short_name(metric: str) -> str:
-    """A metric's short column name (``t→i R@5``); a section prefix is kept (``val.t→i R@5``)."""
+    """A metric's short column name (``t→i R@5``); a section prefix is kept (``val.t→i R@5``), shortened where
+    it has a short name (``SugarCrepe.swap_att``; none for ``analysis.``)."""
     section, _, name = metric.rpartition(".")
     short = SHORT.get(name, name)
+    if name.startswith("aspect_") and name.endswith("_full"):
+        short = f"{name[len('aspect_') : -len('_full')]} hard-neg"
+    elif name.startswith("probe_") and not name.endswith("_chance"):
+        short = f"probe {name[len('probe_') :]}"
+    section = SHORT_SECTIONS.get(section, section)
     return f"{section}.{short}" if section else short

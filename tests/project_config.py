@@ -107,3 +107,41 @@ def local_cluster_dir(project_dir: Path) -> str:
         return local_temp_dir()
     finally:
         os.chdir(cwd)
+
+
+def write_tiny_siglip(folder: Path, seed: int = 0) -> Path:
+    """A tiny random vision-only SigLIP checkpoint (32 px, patch 8, width 32) with its processor config:
+    what ``model.vision.pretrained`` names."""
+    import torch
+    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    vit = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    vit.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def replace_weights_in_place(folder: Path, seed: int) -> None:
+    """Every safetensors file of a model folder rewritten with other values of the same names, shapes and
+    dtypes, at the same path: a new download of "the same" checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    for f in sorted(folder.glob("*.safetensors")):
+        state = load_file(str(f))
+        other = {
+            k: (torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v)
+            for k, v in state.items()
+        }
+        save_file(other, str(f), metadata={"format": "pt"})

@@ -15,10 +15,21 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache.store import STORAGE, CacheFolder, ShardReader, ShardWriter, key_fields, open_active, text_digest
+from mpe.cache.store import (
+    STORAGE,
+    CacheCorrupt,
+    CacheFolder,
+    ShardReader,
+    ShardWriter,
+    key_fields,
+    open_active,
+    text_digest,
+)
+from mpe.data.hard_negatives import GENERATOR_VERSION, hard_negatives
 from mpe.data.tar_stream import captions as shard_captions
 from mpe.files import storage
-from mpe.files.hashing import checkpoint_sha256
+from mpe.files.hashing import checkpoint_sha256, fingerprint
+from mpe.files.verified import Record, signature
 from mpe.model.configuration import TextConfig
 from mpe.model.text.lm_io import load_lm
 from mpe.model.text.prompt_sequence import PromptLayout, build_batch, build_layout, tokenize_captions
@@ -99,15 +110,52 @@ def data_shard_identity(data_url: str) -> dict[str, str]:
     return {"data_shard": storage.name(data_url), "data_size": str(storage.size(data_url)), "data_index_sha256": index}
 
 
-def is_current(cache_url: str, identity: dict[str, str]) -> bool:
-    """Whether the cache shard exists, reads back, and was built from this very data shard."""
-    if not storage.exists(cache_url):
-        return False
-    try:
+TEXTS_IDENTITY = {"data_shard": "", "data_size": "0", "data_index_sha256": ""}  # a shard of evaluation texts
+
+
+class ShardCheck:
+    """The state of cache shards against the data they were built from, one folder's verification record
+    at a time: ``check`` says ``current``, ``missing``, ``stale`` (built from other data) or ``damaged``
+    (unreadable, or bytes that fail their checksums). A shard's states are read in full only when the
+    file changed since it was last verified (:mod:`mpe.files.verified`); call ``save`` at the end."""
+
+    def __init__(self):
+        self.records: dict[str, Record] = {}
+        self.damage: dict[str, str] = {}  # url -> the error that names the damage
+
+    def _record(self, url: str) -> Record:
+        folder = storage.parent(url)
+        if folder not in self.records:
+            self.records[folder] = Record(folder)
+        return self.records[folder]
+
+    def check(self, cache_url: str, identity: dict[str, str]) -> str:
+        if not storage.exists(cache_url):
+            return "missing"
+        record = self._record(cache_url)
+        try:
+            before = signature(cache_url)
+            with ShardReader(cache_url) as r:
+                if not all(r.metadata.get(k) == v for k, v in identity.items()):
+                    return "stale"
+                if not record.holds(cache_url, r.digest):
+                    r.verify()
+                    record.add(cache_url, r.digest, before)
+        except CacheCorrupt as err:
+            record.drop(cache_url)
+            self.damage[cache_url] = str(err)
+            return "damaged"
+        return "current"
+
+    def written(self, cache_url: str) -> None:
+        """Record a shard this process has just written as verified."""
+        before = signature(cache_url)
         with ShardReader(cache_url) as r:
-            return all(r.metadata.get(k) == v for k, v in identity.items())
-    except Exception:  # unreadable: rebuilt like a missing one
-        return False
+            self._record(cache_url).add(cache_url, r.digest, before)
+
+    def save(self) -> None:
+        for record in self.records.values():
+            record.save()
 
 
 @dataclass
@@ -208,11 +256,43 @@ def cache_texts(
         out_url,
         shard,
         storage_dtype,
-        {"data_shard": "", "data_size": "0", "data_index_sha256": ""},
+        TEXTS_IDENTITY,
         batch_size,
         autocast,
         progress,
     )
+
+
+def negatives_identity(data_url: str, per_caption: int, seed: int) -> dict[str, str]:
+    """What a negatives shard was built from: its data shard (as :func:`data_shard_identity`) and which
+    negatives were drawn (how many per caption, the seed, the generator's version)."""
+    drawn = fingerprint({"per_caption": per_caption, "seed": seed, "generator": GENERATOR_VERSION}, 16)
+    return {**data_shard_identity(data_url), "negatives": drawn}
+
+
+def shard_negative_texts(data_url: str, per_caption: int, seed: int) -> list[str]:
+    """Every hard negative of the data shard's captions, each text once."""
+    captions = dict.fromkeys(c for _, c in shard_captions(data_url))
+    return list(dict.fromkeys(t for c in captions for t in hard_negatives(c, per_caption, seed)))
+
+
+def cache_negatives_shard(
+    tower: LLMTextTower,
+    data_url: str,
+    out_url: str,
+    per_caption: int,
+    seed: int,
+    storage_dtype: str,
+    batch_size: int = 32,
+    autocast: torch.dtype | None = None,
+    progress=None,
+) -> dict:
+    """The negatives shard of one data shard: the trunk states of its captions' hard negatives, each text once,
+    looked up by its sha256 (a text shard), marked with :func:`negatives_identity`."""
+    texts = shard_negative_texts(data_url, per_caption, seed)
+    shard = ShardTexts([text_digest(t).hex() for t in texts], texts, list(range(len(texts))))
+    identity = negatives_identity(data_url, per_caption, seed)
+    return write_shard(tower, out_url, shard, storage_dtype, identity, batch_size, autocast, progress)
 
 
 def estimate_bytes(
@@ -223,9 +303,11 @@ def estimate_bytes(
     itemsize: int,
     sample: int = 1000,
     seed: int = 0,
+    negatives_per_caption: int = 0,
 ) -> dict:
     """The disk the cache will take, before computing it: unique captions (per shard, from img2dataset's
-    parquet files, else the shards' captions) × mean rows (from a tokenized sample) × hidden × bytes."""
+    parquet files, else the shards' captions; with hard negatives, that many more texts per caption at
+    most) × mean rows (from a tokenized sample) × hidden × bytes."""
     import pandas as pd
 
     unique, samples, pool = extra_texts, 0, []
@@ -240,7 +322,7 @@ def estimate_bytes(
             caps = [c for _, c in shard_captions(url)]
         samples += len(caps)
         uniq = list(dict.fromkeys(caps))
-        unique += len(uniq)
+        unique += len(uniq) * (1 + negatives_per_caption)
         pool.extend(uniq[: max(1, sample // max(1, len(data_shards)))])
     picked = random.Random(seed).sample(pool, min(sample, len(pool))) if pool else []
     lens = [len(i) for i in tokenize_captions(info.tokenizer, picked, max_caption_tokens)] or [1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache.compute import cache_data_shard, cache_texts, load_trunk_tower
+from mpe.cache.compute import cache_data_shard, cache_negatives_shard, cache_texts, load_trunk_tower
 from mpe.config import CacheConfig, RayConfig
 from mpe.model.configuration import TextConfig
 from mpe.runtime.ray_cluster import ensure_ray
@@ -47,6 +47,18 @@ class ShardCacheActor:
                     self.batch_size,
                     self.autocast,
                 )
+            elif source.startswith("negatives:"):
+                job = json.loads(source[len("negatives:") :])
+                counts = cache_negatives_shard(
+                    self.tower,
+                    job["data"],
+                    out,
+                    job["per_caption"],
+                    job["seed"],
+                    self.storage_dtype,
+                    self.batch_size,
+                    self.autocast,
+                )
             else:
                 counts = cache_data_shard(self.tower, source, out, self.storage_dtype, self.batch_size, self.autocast)
             done.append(counts["texts"])
@@ -63,8 +75,8 @@ def build_with_ray(
     compute_dtype: str,
     progress=None,
 ) -> int:
-    """Run ``(source, out URL)`` jobs on Ray Data actors (``source``: a data shard URL, or ``texts:`` and a
-    JSON list); returns how many texts were computed."""
+    """Run ``(source, out URL)`` jobs on Ray Data actors (``source``: a data shard URL, ``texts:`` and a JSON
+    list, or ``negatives:`` and a JSON ``{data, per_caption, seed}``); returns how many texts were computed."""
     import ray
 
     if not jobs:

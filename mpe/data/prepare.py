@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
@@ -21,17 +22,28 @@ from tqdm import tqdm
 
 from mpe.config import DataConfig, RayConfig
 from mpe.data.canonical_shards import canonicalize_folder
-from mpe.data.evaluation_sets import ASPECTS_FILE, NEGATION_FILE, ZERO_SHOT_FILE
+from mpe.data.compositional_sets import write_compositional_sets
+from mpe.data.evaluation_sets import ASPECTS_FILE, BENCHMARKS_DIR, NEGATION_FILE, ZERO_SHOT_FILE
 from mpe.data.metadata_filter import filter_rows
 from mpe.data.shapes import aspect_variants, plan_splits, render, zero_shot_prompts
 from mpe.data.stats import STATS_FILE, by_class, shard_manifest, shard_stats
-from mpe.data.url_list import evaluation_rows, list_parts, read_url_list
+from mpe.data.url_list import evaluation_rows, list_parts, read_url_list, repeated_urls
 from mpe.errors import DataError
 from mpe.files.atomic import atomic_path, write_json, write_text
 from mpe.files.hashing import file_sha256, fingerprint
 
 SPLITS = ("train", "val", "test", "negation")
-EXTRA_COLUMNS = ["id", "main_colour", "main_shape", "compositional"]
+# per image, what a scene is (zero-shot truth, the linear probes' labels): relation "none" with one object
+EXTRA_COLUMNS = [
+    "id",
+    "main_colour",
+    "main_shape",
+    "main_size",
+    "main_position",
+    "background",
+    "relation",
+    "compositional",
+]
 
 
 def file_url(path: Path, relative: bool = True) -> str:
@@ -62,7 +74,14 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     """Render the shapes world into ``out/raw`` and write one URL list per split."""
     s = cfg.shapes
     plan = plan_splits(
-        s.train_captions, s.val_captions, s.test_captions, s.negation_queries, s.held_out_pairs, s.p_secondary, seed
+        s.train_captions,
+        s.val_captions,
+        s.test_captions,
+        s.negation_queries,
+        s.held_out_pairs,
+        s.p_secondary,
+        seed,
+        s.minimal_pairs,
     )
     rows: dict[str, list[dict]] = {k: [] for k in SPLITS}
     jobs = []
@@ -80,6 +99,10 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
                 "id": ident,
                 "main_colour": scene.main.colour,
                 "main_shape": scene.main.shape,
+                "main_size": scene.main.size,
+                "main_position": scene.position,
+                "background": scene.background,
+                "relation": scene.relation or "none",
                 "compositional": compositional,
             }
         )
@@ -92,9 +115,19 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     for i, (scene, comp) in enumerate(zip(plan.test, plan.test_compositional)):
         add("test", f"test-{i:05d}", scene, scene.caption(), comp, render_seed=seed + 8_000_000 + i)
     rng = random.Random(seed * 104729 + 5)
+    # probes from both halves of the test split in turn (held-out pairs and seen ones): a probe set of held-out
+    # pairs alone would pit an unseen caption against variants that are mostly seen pairs
+    comp = plan.test_compositional
+    halves = [[i for i, c in enumerate(comp) if c], [i for i, c in enumerate(comp) if not c]]
+    order = [i for pair in zip_longest(*halves) for i in pair if i is not None]
     aspects = [
-        {"id": f"test-{i:05d}", "caption": scene.caption(), "variants": aspect_variants(scene, rng)}
-        for i, scene in enumerate(plan.test[: s.aspect_probes])
+        {
+            "id": f"test-{i:05d}",
+            "caption": plan.test[i].caption(),
+            "compositional": plan.test_compositional[i],
+            "variants": aspect_variants(plan.test[i], rng),
+        }
+        for i in order[: s.aspect_probes]
     ]
     negation = []
     for i, (query, without, with_neg) in enumerate(plan.negation):
@@ -109,7 +142,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
         shutil.rmtree(out / "raw")
     write_text(marker, raw_fp)
     for scene, path, rs in tqdm(jobs, desc="render shapes", unit="img"):
-        _save_png(render(scene, cfg.image_size, rs), path)
+        _save_png(render(scene, cfg.image_size, rs, object_scale=s.object_scale), path)
     lists = {}
     for split, r in rows.items():
         if r:  # a split with no rows (val_captions: 0) is simply not written
@@ -119,20 +152,45 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     write_json(out / ZERO_SHOT_FILE, zero_shot_prompts())
     write_json(out / ASPECTS_FILE, aspects)
     write_json(out / "held_out_pairs.json", sorted(plan.held_out), indent=None)
+    shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)
+    (out / BENCHMARKS_DIR).mkdir()  # always there (empty without sets): a dependency of the cache stage
+    if s.benchmark_items:
+        write_compositional_sets(
+            out / BENCHMARKS_DIR,
+            plan.test,
+            [f"test-{i:05d}.png" for i in range(len(plan.test))],
+            s.benchmark_items,
+            cfg.image_size,
+            seed,
+            lambda i: seed + 8_000_000 + i,
+            s.object_scale,
+        )
     return lists
 
 
 def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path]], dict]:
     """Each part of a user URL list filtered by its metadata and split into train and test by a hash of
-    the URL; returns ``{part: {split: list file}}`` (a split a part has no row of is left out) and a report
-    per part."""
+    the URL (only the parts of ``data.test_parts`` add test rows, when it is set); returns ``{part: {split:
+    list file}}`` (a split a part has no row of is left out) and a report per part."""
     lists: dict[str, dict[str, Path]] = {}
     report: dict[str, dict] = {}
-    for path in list_parts(cfg.url_list):
+    parts = list_parts(cfg.url_list)
+    test_parts = None if cfg.test_parts is None else {Path(name).stem for name in cfg.test_parts}
+    unknown = sorted((test_parts or set()) - {p.stem for p in parts})
+    if unknown:
+        raise DataError(
+            f"data.test_parts: no part named {', '.join(unknown)} in {cfg.url_list} "
+            f"(its parts: {', '.join(p.stem for p in parts)})"
+        )
+    for path in parts:
         df, rep = read_url_list(path, cfg.url_col, cfg.caption_col, cfg.encoding)
         df, rep["filtered"] = filter_rows(df, cfg.filters, path)
+        rep.update(repeated_urls(df["URL"]))
         df["id"] = [f"{path.stem}:{i}" for i in range(len(df))]
-        test = evaluation_rows(df["URL"], cfg.test_fraction)
+        if test_parts is None or path.stem in test_parts:
+            test = evaluation_rows(df["URL"], cfg.test_fraction)
+        else:  # a pinned evaluation set: this part trains only
+            test = pd.Series(False, index=df.index)
         lists[path.stem] = {}
         for split, rows in (("train", df[~test]), ("test", df[test])):
             rep[split] = int(len(rows))
@@ -148,8 +206,9 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
         if not any(split in p for p in lists.values()):
             raise DataError(
                 f"{cfg.url_list}: no row left for the {split} split (rows after filters: "
-                f"{sum(r['train'] + r['test'] for r in report.values())}, data.test_fraction "
-                f"{cfg.test_fraction})"
+                f"{sum(r['train'] + r['test'] for r in report.values())}, with "
+                f"{sum(r['distinct_urls'] for r in report.values())} distinct URLs; data.test_fraction "
+                f"{cfg.test_fraction}); the rows of one URL stay on one side"
             )
     return lists, report
 
@@ -344,6 +403,8 @@ def _download_url_list(cfg: DataConfig, out: Path, ray: RayConfig | None) -> tup
     shutil.rmtree(out / "downloads", ignore_errors=True)
     for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
         write_json(out / name, empty)  # a URL list brings no negation, zero-shot or aspect sets of its own
+    shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)  # nor compositional sets
+    (out / BENCHMARKS_DIR).mkdir()
     return ["train", "test"], report, parts
 
 

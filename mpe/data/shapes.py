@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
@@ -82,6 +83,34 @@ class Scene:
         return {(o.colour, o.shape) for o in objs}
 
 
+def _words(options) -> str:
+    return "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+
+
+_OBJ = rf"a (?P<{{p}}size>{_words(SIZES)}) (?P<{{p}}colour>{_words(COLOURS)}) (?P<{{p}}shape>{_words(SHAPES)})"
+_CAPTION = re.compile(
+    _OBJ.format(p="m")
+    + rf"(?: (?P<relation>{_words(RELATIONS)}) "
+    + _OBJ.format(p="s")
+    + rf"| (?P<phrase>{_words(POSITION_PHRASE.values())}))"
+    + rf" on a (?P<background>{_words(BACKGROUNDS)}) background"
+)
+_PHRASE_POSITION = {v: k for k, v in POSITION_PHRASE.items()}
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption of this world describes (the inverse of :meth:`Scene.caption`), or None when the
+    text is not a caption of the shapes world's grammar."""
+    m = _CAPTION.fullmatch(text)
+    if m is None:
+        return None
+    main = Obj(m["mcolour"], m["mshape"], m["msize"])
+    if m["relation"]:
+        sec = Obj(m["scolour"], m["sshape"], m["ssize"])
+        return Scene(main, RELATIONS[m["relation"]][0], m["background"], m["relation"], sec)
+    return Scene(main, _PHRASE_POSITION[m["phrase"]], m["background"])
+
+
 def held_out_pairs(n: int, seed: int) -> set[tuple[str, str]]:
     """``n`` colour–shape pairs that training never shows, at most one per colour and per shape where possible."""
     rng = random.Random(seed * 7919 + 1)
@@ -134,8 +163,12 @@ def _polygon_star(cx, cy, r):
     return pts
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, canvas: int) -> None:
-    r = canvas * (0.17 if obj.size == "large" else 0.09)
+# an object's radius as a share of the canvas, by size (object_scale multiplies both)
+RADIUS = {"large": 0.17, "small": 0.09}
+
+
+def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, canvas: int, scale: float = 1.0) -> None:
+    r = canvas * RADIUS[obj.size] * scale
     fill = COLOURS[obj.colour]
     outline = (0, 0, 0) if obj.colour != "black" else (90, 90, 90)
     box = [cx - r, cy - r, cx + r, cy + r]
@@ -212,8 +245,9 @@ def draw_background(img: Image.Image, background: str, rng: random.Random) -> No
         raise ValueError(f"unknown background {background!r}")
 
 
-def render(scene: Scene, size: int, seed: int, jitter: float = 0.06) -> Image.Image:
-    """Draw ``scene`` on a ``size``×``size`` RGB canvas; ``seed`` fixes texture and placement jitter."""
+def render(scene: Scene, size: int, seed: int, jitter: float = 0.06, object_scale: float = 1.0) -> Image.Image:
+    """Draw ``scene`` on a ``size``×``size`` RGB canvas; ``seed`` fixes texture and placement jitter;
+    ``object_scale`` multiplies the objects' radii."""
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size))
     draw_background(img, scene.background, rng)
@@ -222,8 +256,8 @@ def render(scene: Scene, size: int, seed: int, jitter: float = 0.06) -> Image.Im
     if scene.secondary is not None:
         sec_pos = RELATIONS[scene.relation][1]
         sx, sy = _anchor(sec_pos, size, rng, jitter)
-        draw_object(draw, scene.secondary, sx, sy, size)
-    draw_object(draw, scene.main, cx, cy, size)
+        draw_object(draw, scene.secondary, sx, sy, size, object_scale)
+    draw_object(draw, scene.main, cx, cy, size, object_scale)
     return img
 
 
@@ -240,12 +274,21 @@ class SplitPlan:
 
 
 def plan_splits(
-    train: int, val: int, test: int, negation: int, held_out: int, p_secondary: float, seed: int
+    train: int,
+    val: int,
+    test: int,
+    negation: int,
+    held_out: int,
+    p_secondary: float,
+    seed: int,
+    minimal_pairs: float = 0.0,
 ) -> SplitPlan:
     """Unique captions per split, no caption shared across splits, held-out pairs only in test.
 
     Half of the test captions have a held-out pair as their main object (compositional), half are
-    new scenes of seen pairs.
+    new scenes of seen pairs. With ``minimal_pairs`` > 0, that share of the training scenes comes with a
+    twin that differs from it in one aspect only (drawn at random among ``ASPECTS``), so that a batch more
+    often holds two captions only that aspect tells apart.
     """
     rng = random.Random(seed)
     hold = held_out_pairs(held_out, seed)
@@ -269,7 +312,20 @@ def plan_splits(
                 out.append(s)
         return out
 
-    plan.train = draw_unique(train, seen)
+    if minimal_pairs > 0:
+        twin_rng = random.Random(seed * 7907 + 3)  # its own stream: the base scenes are drawn as without twins
+        plan.train = []
+        while len(plan.train) < train:
+            (scene,) = draw_unique(1, seen)
+            plan.train.append(scene)
+            if len(plan.train) < train and twin_rng.random() < minimal_pairs:
+                aspect = twin_rng.choice(ASPECTS)
+                twin = aspect_variant_scenes(scene, twin_rng)[aspect]
+                if all(seen(p) for p in twin.pairs()) and twin.caption() not in used:
+                    used.add(twin.caption())
+                    plan.train.append(twin)
+    else:
+        plan.train = draw_unique(train, seen)
     plan.val = draw_unique(val, seen)
     n_comp = test // 2 if hold else 0
     comp = draw_unique(n_comp, lambda p: True, main_ok=lambda p: p in hold)
@@ -311,6 +367,12 @@ ASPECTS = ("colour", "shape", "size", "position", "background")
 def aspect_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
     """For each aspect, the caption of ``scene`` with only that aspect of the main object (or the
     background) changed: what a prompt that encodes the aspect must tell apart from the true caption."""
+    return {a: s.caption() for a, s in aspect_variant_scenes(scene, rng).items()}
+
+
+def aspect_variant_scenes(scene: Scene, rng: random.Random) -> dict[str, Scene]:
+    """For each aspect, ``scene`` with only that aspect of the main object (or the background, or the relation
+    / position) changed."""
     main, out = scene.main, {}
     out["colour"] = rng.choice([c for c in COLOURS if c != main.colour and c not in CLASHES[scene.background]])
     out["shape"] = rng.choice([x for x in SHAPES if x != main.shape])
@@ -325,4 +387,4 @@ def aspect_variants(scene: Scene, rng: random.Random) -> dict[str, str]:
         variants["position"] = replace(scene, relation=relation, position=RELATIONS[relation][0])
     else:
         variants["position"] = replace(scene, position=rng.choice([p for p in POSITIONS if p != scene.position]))
-    return {a: variants[a].caption() for a in ASPECTS}
+    return {a: variants[a] for a in ASPECTS}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mpe.errors import DataError, StageInputError
 from mpe.files import storage
+from mpe.files.verified import Record, signature
 
 STATS_FILE = "stats.json"
 
@@ -65,34 +66,68 @@ def read_stats(out: str | Path) -> dict:
     return json.loads(storage.read_bytes(url))
 
 
-def shard_manifest(folder: str | Path) -> dict[str, dict]:
-    """``{shard name: {"size", "sha256"}}`` of the finished shards in ``folder``: what later stages check."""
+def data_identity(stats: dict) -> dict:
+    """What the data is, for a training run's identity: the source, and each split's counts and shards (names,
+    sizes, sha256). Not how it came to be so: the shards a rerun repaired, the parts it downloaded or kept,
+    which change nothing a model trains on (a shard repaired to its recorded bytes is the same data)."""
     return {
-        storage.name(url): {"size": storage.size(url), "sha256": storage.sha256(url)}
-        for url in storage.list_files(str(folder), ".tar")
+        "source": stats.get("source"),
+        "splits": {
+            split: {k: s[k] for k in ("count", "successes", "shards") if k in s}
+            for split, s in sorted((stats.get("splits") or {}).items())
+        },
     }
 
 
+def shard_manifest(folder: str | Path) -> dict[str, dict]:
+    """``{shard name: {"size", "sha256"}}`` of the finished shards in ``folder``: what later stages check.
+    Each shard is recorded as verified as it is hashed, so the next stage start does not read it again."""
+    record, manifest = Record(str(folder)), {}
+    for url in storage.list_files(str(folder), ".tar"):
+        before = signature(url)
+        manifest[storage.name(url)] = {"size": storage.size(url), "sha256": storage.sha256(url)}
+        record.add(url, manifest[storage.name(url)]["sha256"], before)
+    record.save()
+    return manifest
+
+
+def _shard_problem(url: str | None, info: dict | None, record: Record) -> str | None:
+    """What is wrong with one shard against its manifest entry, or None. Its size is always compared; its
+    sha256 only when the file changed since its content was last verified (:mod:`mpe.files.verified`)."""
+    if url is None:
+        return "missing"
+    if info is None:
+        return "not written by the data stage"
+    size = storage.size(url)
+    if size != info["size"]:
+        return f"{size} bytes, expected {info['size']}"
+    if record.holds(url, info["sha256"]):
+        return None
+    before = signature(url)
+    if storage.sha256(url) != info["sha256"]:
+        return "its sha256 is not the one the data stage recorded (its bytes changed, at the same size)"
+    record.add(url, info["sha256"], before)
+    return None
+
+
 def verified_shards(data_root: str | Path, split: str, skip_corrupt: bool = False) -> tuple[list[str], list[str]]:
-    """The split's shards whose size is what the data stage recorded, and the names of those that are not
-    (truncated, replaced, missing). A bad shard is an error naming it, unless ``skip_corrupt`` (then it is
-    left out and returned, for the caller to count)."""
+    """The split's shards whose bytes are those the data stage recorded (size, and sha256 when the file
+    changed since it was last verified), and the names of those that are not (truncated, overwritten,
+    replaced, missing). A bad shard is an error naming it, unless ``skip_corrupt`` (then it is left out and
+    returned, for the caller to count)."""
     folder = storage.join(data_root, "shards", split)
     manifest = read_stats(data_root)["splits"].get(split, {}).get("shards")
     urls = storage.list_files(folder, ".tar")
     if manifest is None:  # data written before shard manifests existed: nothing to check against
         return urls, []
     present = {storage.name(u): u for u in urls}
-    bad = sorted(
-        name for name, info in manifest.items() if name not in present or storage.size(present[name]) != info["size"]
-    )
-    bad += sorted(name for name in present if name not in manifest)
+    record = Record(folder)
+    problems = {n: _shard_problem(present.get(n), manifest.get(n), record) for n in sorted({*manifest, *present})}
+    record.save()
+    bad = [n for n, problem in problems.items() if problem]
     if bad and not skip_corrupt:
-        name = bad[0]
-        have = f"{storage.size(present[name])} bytes" if name in present else "missing"
-        want = f"{manifest[name]['size']} bytes" if name in manifest else "not written by the data stage"
         raise DataError(
-            f"{storage.join(folder, name)}: {have}, expected {want} ({len(bad)} bad shard(s) in "
+            f"{storage.join(folder, bad[0])}: {problems[bad[0]]} ({len(bad)} bad shard(s) in "
             f"{split}); rerun `mpe data` to repair, or set data.skip_corrupt_shards: true to leave "
             "them out"
         )

@@ -18,6 +18,11 @@ after ``step`` batches the next comes from worker ``step mod W``: on resume, the
 to start there, each continues from its state, and the buffer is refilled by re-reading the few shards
 its samples came from. Decoding (PIL) happens in the worker, which sends ``uint8`` pixels and the
 states in their storage dtype.
+
+Hard negatives. With ``hard_negatives`` > 0 every sample brings that many negative captions of its own
+caption (``mpe.data.hard_negatives``, a function of the caption and ``negatives_seed``, so a resumed run
+makes the same ones); a caption with fewer pads with itself (the loss leaves those out). With the cache
+their trunk states come from the negatives shard beside the data shard's cache shard.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpe.cache.store import ShardReader, decode, left_pad, text_digest
+from mpe.data.hard_negatives import hard_negatives, text_id
 from mpe.data.tar_stream import caption_of, image_of, iter_samples
 from mpe.errors import DataError
 from mpe.model.vision.preprocess import ImageTransform
@@ -50,6 +56,9 @@ class StreamSpec:
     world: int = 1
     workers: int = 1  # loader processes per rank (0: read in the training process)
     image_transform: dict | None = None  # ImageTransform.to_json() of the tower; None: mpe's own at image_size
+    hard_negatives: int = 0  # negative captions per sample (0: none)
+    negatives_seed: int = 0
+    negative_shards: tuple[str, ...] | None = None  # aligned with data_shards: their negatives' cached states
 
     def transform(self) -> ImageTransform:
         if self.image_transform is None:
@@ -67,6 +76,25 @@ class Raw:
     states: torch.Tensor | None = None  # storage dtype
     scales: torch.Tensor | None = None
     caption_len: int = 0
+    negatives: list[str] = field(default_factory=list)
+    negative_rows: list[tuple[torch.Tensor, torch.Tensor | None, int]] = field(default_factory=list)
+
+
+class NegativeStates:
+    """The cached states of one data shard's hard negatives, looked up by text."""
+
+    def __init__(self, url: str):
+        self.reader = ShardReader(url)
+        self.index = {bytes(self.reader.text_sha256[u].tolist()): u for u in range(self.reader.num_texts)}
+
+    def rows(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        u = self.index.get(text_digest(text))
+        if u is None:
+            raise DataError(f"negatives shard {self.reader.url} lacks the negative {text[:60]!r}: rerun `mpe cache`")
+        return (*self.reader.stored_rows(u), int(self.reader.caption_lens[u]))
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 @dataclass
@@ -117,6 +145,9 @@ class SlotStream:
         spec = self.spec
         data_url = spec.data_shards[shard]
         cache = ShardReader(spec.cache_shards[shard]) if spec.cache_shards else None
+        negatives = (
+            NegativeStates(spec.negative_shards[shard]) if spec.hard_negatives and spec.negative_shards else None
+        )
         try:
             entry = 0
             for offset, (key, files) in enumerate(iter_samples(data_url)):
@@ -146,10 +177,20 @@ class SlotStream:
                         )
                     raw.states, raw.scales = cache.stored_rows(u)
                     raw.caption_len = int(cache.caption_lens[u])
+                if spec.hard_negatives:
+                    negs = hard_negatives(caption, spec.hard_negatives, spec.negatives_seed)
+                    raw.negatives = negs + [caption] * (spec.hard_negatives - len(negs))  # padding: masked out
+                    if negatives is not None:
+                        raw.negative_rows = [
+                            negatives.rows(t) if t != caption else (raw.states, raw.scales, raw.caption_len)
+                            for t in raw.negatives
+                        ]
                 yield offset, raw
         finally:
             if cache is not None:
                 cache.close()
+            if negatives is not None:
+                negatives.close()
 
     def _refill(self, entries: list) -> list:
         """The buffer of a saved state: its samples re-read from the shards they came from."""
@@ -199,6 +240,7 @@ class SlotStream:
         """A collated batch and this slot's state after it."""
         transform = self.spec.transform()
         pixels, keys, captions, states, lens = [], [], [], [], []
+        negatives, negative_states, negative_lens = [], [], []
         while len(keys) < self.spec.batch_size:
             raw = self._next_raw()
             try:
@@ -216,6 +258,10 @@ class SlotStream:
                 rows = raw.states if raw.scales is None else decode(raw.states, raw.scales)
                 states.append(rows)
                 lens.append(raw.caption_len)
+            negatives += raw.negatives
+            for stored, scales, n in raw.negative_rows:
+                negative_states.append(stored if scales is None else decode(stored, scales))
+                negative_lens.append(n)
         batch = {
             "pixels": torch.stack(pixels),
             "keys": keys,
@@ -226,6 +272,13 @@ class SlotStream:
         if states:
             batch["states"] = left_pad(states)
             batch["caption_lens"] = torch.tensor(lens)
+        if self.spec.hard_negatives:
+            batch["negatives"] = negatives
+            batch["caption_ids"] = torch.tensor([text_id(c) for c in captions], dtype=torch.int64)
+            batch["negative_ids"] = torch.tensor([text_id(t) for t in negatives], dtype=torch.int64)
+            if negative_states:
+                batch["negative_states"] = left_pad(negative_states)
+                batch["negative_lens"] = torch.tensor(negative_lens)
         return batch
 
 

@@ -27,6 +27,13 @@ def _text_column(df: pd.DataFrame, col: str, path: Path) -> pd.Series:
     """A column as strings; bytes values (a binary parquet column) are decoded as UTF-8, and the first row
     that does not decode is named."""
     values = df[col]
+    odd = values.map(lambda v: v is not None and not isinstance(v, (str, bytes, bytearray, float, int)))
+    if odd.any():  # a list or a struct column would otherwise be written out as its repr
+        row = int(odd.to_numpy().nonzero()[0][0])
+        raise DataError(
+            f"{path}: column '{col}', row {row}: a list or structure ({type(values.iloc[row]).__name__}), "
+            "not text; the column must hold strings"
+        )
     if values.map(lambda v: isinstance(v, (bytes, bytearray))).any():
         decoded = []
         for i, v in enumerate(values):
@@ -63,6 +70,10 @@ def read_url_list(
     elif path.suffix in (".csv", ".tsv"):
         try:
             df = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", keep_default_na=False, encoding=encoding)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:  # an unterminated quote, a ragged row
+            raise DataError(
+                f"{path}: not a readable {path.suffix[1:]} file ({str(err).strip()}); fix the row it names"
+            ) from None
         except UnicodeDecodeError:
             line, why = _first_undecodable_line(path, encoding)
             raise DataError(
@@ -139,10 +150,22 @@ def url_fraction(url: str) -> float:
 
 def evaluation_rows(urls: pd.Series, fraction: float) -> pd.Series:
     """Which rows of a part are kept for evaluation: those whose URL hash falls below ``fraction``, so a row's
-    split never depends on the other rows or parts. A part of two or more rows where no hash does gives
-    its lowest-hash row, so every part adds to the evaluation set."""
+    split never depends on the other rows or parts, and every row of one URL is on the same side. A part
+    of two or more distinct URLs where no hash does gives its lowest-hash URL (all of its rows), so every
+    part adds to the evaluation set."""
     where = urls.map(url_fraction)
     test = where < fraction
-    if len(urls) > 1 and not test.any():
-        test[where.idxmin()] = True
+    if urls.nunique() > 1 and not test.any():
+        test = where == where.min()  # the URL, not one of its rows: a repeat left in train would leak it
     return test
+
+
+def repeated_urls(urls: pd.Series) -> dict:
+    """How often a part repeats a URL: rows whose URL an earlier row has (each is kept: a row is a sample,
+    and a URL may carry several captions), the distinct URLs, and the first few repeated ones."""
+    repeats = urls.duplicated()
+    return {
+        "distinct_urls": int(urls.nunique()),
+        "repeated_url_rows": int(repeats.sum()),
+        "repeated_urls": [str(u) for u in urls[repeats].unique()[:5]],
+    }

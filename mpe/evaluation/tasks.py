@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mpe.cache.store import TextStates
 from mpe.data.evaluation_sets import aspect_probes, negation_queries, zero_shot_tasks
 from mpe.data.loader import load_split
+from mpe.evaluation.linear_probe import probe_aspects
 from mpe.evaluation.metrics import retrieval_metrics
 from mpe.evaluation.prompt_analysis import aspect_accuracy, caption_over_negated, inter_prompt_cosine, per_prompt_recall
 from mpe.files import storage
@@ -85,6 +86,16 @@ def analyse_prompts(model, embed_text: TextEmbedder, samples, image_emb, probes:
     return out
 
 
+def linear_probes(model, data_root: str | Path, test, test_emb: torch.Tensor) -> dict:
+    """The aspect probes (``mpe.evaluation.linear_probe``) of the model's image embeddings: fitted on the training
+    split, scored on the test split; empty when the images carry no scene labels (a URL list)."""
+    if not any("main_shape" in s.meta for s in test):
+        return {}
+    train, _ = load_split(storage.join(data_root, "shards", "train"))
+    train_emb = embed_images(model, [s.image for s in train])
+    return probe_aspects(train_emb, [s.meta for s in train], test_emb, [s.meta for s in test])
+
+
 def evaluate_split(model, data_root: str | Path, split: str, embed_text, ks=(1, 5, 10)) -> dict:
     """Retrieval on another split (the validation split, for choices that must not see the test split)."""
     samples, skipped = load_split(storage.join(data_root, "shards", split))
@@ -105,6 +116,17 @@ def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> d
     }
     if isinstance(embed_text, TextEmbedder) and model.num_pieces > 1:
         out["prompts"] = analyse_prompts(model, embed_text, test, image_emb, aspect_probes(data_root))
+    elif isinstance(embed_text, TextEmbedder):  # one embedding: the aspect probe with the whole embedding only
+        probes = [p for p in aspect_probes(data_root) if p["id"] in {s.meta.get("id") for s in test}]
+        if probes:
+            by_id = {s.meta.get("id"): i for i, s in enumerate(test)}
+            rows = [by_id[p["id"]] for p in probes]
+            variants = {a: embed_text([p["variants"][a] for p in probes]) for a in probes[0]["variants"]}
+            out["prompts"] = {
+                "aspects": aspect_accuracy(image_emb[rows], embed_text([p["caption"] for p in probes]), variants, 1),
+                "aspect_probes": len(probes),
+            }
+    out["probes"] = linear_probes(model, data_root, test, image_emb)
     comp = [i for i, s in enumerate(test) if s.meta.get("compositional")]
     if comp:
         out["test_compositional"] = retrieval_on([test[i] for i in comp], embed_text, image_emb[comp], ks)
@@ -180,5 +202,8 @@ def analysis_metrics(result: dict) -> dict:
             flat[k] = prompts[k]
     for aspect, row in prompts.get("aspects", {}).items():
         for who, v in row.items():
+            if who == "prompt_1" and "prompt_2" not in row:
+                continue  # one embedding: its only segment is the whole embedding
             flat[f"aspect_{aspect}_{who}"] = v
+    flat.update(result.get("probes", {}))
     return flat

@@ -44,6 +44,10 @@ def name(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
+def parent(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[0]
+
+
 def _fs(url: str | Path):
     return url_to_fs(str(url))
 
@@ -56,6 +60,17 @@ def exists(url: str | Path) -> bool:
 def size(url: str | Path) -> int:
     fs, path = _fs(url)
     return int(fs.size(path))
+
+
+def info(url: str | Path) -> dict:
+    """The file system's description of a file (size, modification time, ETag on object stores …)."""
+    fs, path = _fs(url)
+    return fs.info(path)
+
+
+def local_path(url: str | Path) -> str:
+    """The path of a local file given as a path or a ``file://`` URL."""
+    return _fs(url)[1]
 
 
 def list_files(url: str | Path, suffix: str) -> list[str]:
@@ -108,13 +123,15 @@ def atomic_local_copy(url: str | Path, suffix: str = ""):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def remove_stale_temporaries(url: str | Path) -> int:
+def remove_stale_temporaries(url: str | Path, keep: tuple[str, ...] = ()) -> int:
     """Delete the temporary files a killed writer left in folder ``url`` (hidden files, which only our
-    atomic writes create there, and interrupted uploads); returns how many."""
+    atomic writes create there, but the names in ``keep``, and interrupted uploads); returns how many."""
     fs, path = _fs(url)
     if not fs.isdir(path):
         return 0
-    stale = [p for p in fs.ls(path, detail=False) if name(p).startswith(".") or ".tmp-" in name(p)]
+    stale = [
+        p for p in fs.ls(path, detail=False) if (name(p).startswith(".") and name(p) not in keep) or ".tmp-" in name(p)
+    ]
     for p in stale:
         fs.rm(p)
     return len(stale)

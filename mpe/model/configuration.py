@@ -15,9 +15,10 @@ from mpe.errors import ConfigError
 
 
 class StrictConfig(BaseModel):
-    """A typed config: unknown keys are refused by name, values are validated and frozen."""
+    """A typed config: unknown keys are refused by name, values are validated and frozen; a float is finite
+    (``.inf`` epochs or a NaN learning rate is refused by its key, not trained on)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 Pooling = Literal["multi_prompt", "mean", "last_token", "prompt_last_token", "defo", "vanilla_clip"]
@@ -27,29 +28,47 @@ APT_POOLINGS = ("multi_prompt", "defo")  # the poolings that read the LLM throug
 class VanillaTextConfig(StrictConfig):
     """The small CLIP text transformer trained from scratch (baseline ``vanilla_clip``)."""
 
-    width: int = Field(256, gt=0)
-    layers: int = Field(4, gt=0)
-    heads: int = Field(4, gt=0)
-    context_length: int = Field(77, gt=1)
+    width: int = Field(256, gt=0, description="width of the from-scratch CLIP text transformer (pooling vanilla_clip)")
+    layers: int = Field(4, gt=0, description="its layers")
+    heads: int = Field(4, gt=0, description="its attention heads")
+    context_length: int = Field(77, gt=1, description="its longest caption in tokens")
 
 
 class TextConfig(StrictConfig):
     """The LLM text tower and how captions are read through it (docs/METHOD.md)."""
 
-    pooling: Pooling = "multi_prompt"
+    pooling: Pooling = Field(
+        "multi_prompt",
+        description="how a caption becomes one vector: multi_prompt (the method) or a baseline (docs: The method)",
+    )
     num_prompts: int = Field(4, ge=1, description="K adaptive prompts (M APT tokens for defo)")
-    prompt_template: str = " the {apt} of the image means:"
-    negated_template: str = " the {apt} of the image does not mean:"
-    fixed_prompt: str = " this image means:"
-    negation: bool = True
-    max_caption_tokens: int = Field(64, ge=1)
+    prompt_template: str = Field(
+        " the {apt} of the image means:", description="the adaptive prompt after the caption; {apt} becomes <APT-i>"
+    )
+    negated_template: str = Field(
+        " the {apt} of the image does not mean:",
+        description="the negated prompt (negation loss); {apt} becomes <APT-i>",
+    )
+    fixed_prompt: str = Field(" this image means:", description="the one fixed prompt of pooling prompt_last_token")
+    negation: bool = Field(
+        True, description="read every caption through negated prompts too (the negation loss's hard negatives)"
+    )
+    max_caption_tokens: int = Field(64, ge=1, description="captions are cut to this many tokens")
     n_top: int = Field(1, ge=1, description="trained top decoder layers; the rest is the frozen trunk")
-    tuning: Literal["top", "lora"] = "top"
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    train_apt_embeddings: bool = False  # must stay off when the trunk is cached
-    attn_implementation: Literal["eager", "sdpa"] = "sdpa"
-    apt_init_seed: int = 0
+    tuning: Literal["top", "lora"] = Field(
+        "top",
+        description="top: train the top n_top layers over a frozen (cacheable) trunk; lora: LoRA on "
+        "every layer (cache off)",
+    )
+    lora_rank: int = Field(8, ge=1, description="LoRA rank (tuning: lora)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (tuning: lora)")
+    train_apt_embeddings: bool = Field(
+        False, description="train the APT token embeddings too (needs cache.enabled: false)"
+    )  # must stay off when the trunk is cached
+    attn_implementation: Literal["eager", "sdpa"] = Field(
+        "sdpa", description="transformers attention implementation of the LLM"
+    )
+    apt_init_seed: int = Field(0, description="seed of the APT rows, drawn at the embedding matrix's scale")
     vanilla: VanillaTextConfig = VanillaTextConfig()
 
     @model_validator(mode="after")
@@ -127,12 +146,19 @@ class VisionConfig(StrictConfig):
     are prepared by its own processor config.
     """
 
-    image_size: int = Field(64, ge=8)
-    patch_size: int = Field(8, ge=1)
-    hidden_size: int = Field(192, gt=0)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(3, ge=1)
-    intermediate_size: int = Field(768, gt=0)
+    image_size: int = Field(
+        64, ge=8, description="input size in pixels (from scratch; read from the checkpoint with pretrained)"
+    )
+    patch_size: int = Field(8, ge=1, description="ViT patch size in pixels")
+    hidden_size: int = Field(192, gt=0, description="ViT width")
+    num_layers: int = Field(4, ge=1, description="ViT layers")
+    num_heads: int = Field(3, ge=1, description="ViT attention heads")
+    intermediate_size: int = Field(768, gt=0, description="ViT MLP width")
+    stem: Literal["patch", "conv"] = Field(
+        "patch",
+        description="from scratch only: the patch embedding (one linear map per patch) or a convolutional stem "
+        "(mpe.model.vision.stem) giving the same token grid",
+    )
     pretrained: str | None = Field(
         None,
         description="a local Hugging Face SigLIP or CLIP checkpoint folder "
@@ -176,7 +202,11 @@ class VisionConfig(StrictConfig):
         if self.freeze and not self.pretrained:
             raise ValueError("freeze needs a pretrained tower (model.vision.pretrained)")
         if self.pretrained:
+            if self.stem != "patch":
+                raise ValueError("stem 'conv' is for a tower trained from scratch, not a pretrained one")
             return self  # the checkpoint's own geometry
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"stem 'conv' needs a power-of-two patch_size, got {self.patch_size}")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.hidden_size % self.num_heads:
@@ -187,12 +217,14 @@ class VisionConfig(StrictConfig):
 class LossConfig(StrictConfig):
     """``L = L_con + lambda_div * L_div + lambda_neg * L_neg``."""
 
-    kind: Literal["clip", "siglip"] = "clip"
+    kind: Literal["clip", "siglip"] = Field(
+        "clip", description="clip: softmax InfoNCE; siglip: sigmoid loss with a learned bias"
+    )
     init_logit_scale: float | None = Field(None, gt=0, description="default 1/0.07 (clip) or 10 (siglip)")
-    max_logit_scale: float = Field(100.0, gt=0)
-    init_logit_bias: float = -10.0
-    lambda_div: float = Field(0.1, ge=0)
-    lambda_neg: float = Field(1.0, ge=0)
+    max_logit_scale: float = Field(100.0, gt=0, description="cap of the learned logit scale")
+    init_logit_bias: float = Field(-10.0, description="initial bias of the sigmoid loss (siglip)")
+    lambda_div: float = Field(0.1, ge=0, description="weight of the diversity loss between the K prompt pieces")
+    lambda_neg: float = Field(1.0, ge=0, description="weight of the negation loss (0 drops the negated prompts)")
 
     @property
     def initial_logit_scale(self) -> float:
@@ -204,7 +236,9 @@ class LossConfig(StrictConfig):
 class ModelConfig(StrictConfig):
     """Everything that defines a MultiPromptCLIP architecture."""
 
-    embed_dim: int = Field(256, gt=0)
+    embed_dim: int = Field(
+        256, gt=0, description="D, the joint embedding's dimension (K pieces of D/K with multi_prompt)"
+    )
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
     loss: LossConfig = LossConfig()

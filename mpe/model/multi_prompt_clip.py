@@ -28,6 +28,7 @@ from mpe.model.text.apt_tokens import add_apt_tokens
 from mpe.model.text.lm_io import load_lm, save_plain_lm
 from mpe.model.text.tower import LLMTextTower, TextEmbedding
 from mpe.model.text.vanilla_clip import VanillaCLIPTextTower
+from mpe.model.vision.preprocess import ImageTransform
 from mpe.model.vision.tower import VisionTower
 
 CONFIG_FILE = "mpe_config.json"
@@ -120,6 +121,20 @@ class MultiPromptCLIP(nn.Module):
             [self.vision(self.pixel_values(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         )
 
+    @property
+    def image_transform(self) -> ImageTransform:
+        """How a picture becomes the vision tower's input; its ``to_uint8`` shrinks one picture at once, so
+        a caller that shrinks each as soon as it is decoded holds no full-size image (``encode_pixels``)."""
+        return self.vision.transform
+
+    def encode_pixels(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """``(N, D)`` L2-normalised embeddings of ``(N, 3, size, size)`` uint8 inputs from
+        ``image_transform.to_uint8``; equal to ``encode_image`` of the pictures they came from."""
+        norm = self.vision.transform.normalize
+        return torch.cat(
+            [self.vision(norm(pixels[i : i + batch_size]).to(self.device)) for i in range(0, len(pixels), batch_size)]
+        )
+
     def similarity(self, t: torch.Tensor, v: torch.Tensor, weights=None) -> torch.Tensor:
         """``s(t, v) = Σ_k w_k ⟨t_k, v_k⟩`` over the K segments of D; ``(Nt, Nv)``.
 
@@ -204,7 +219,15 @@ class MultiPromptCLIP(nn.Module):
                 f"{path / WEIGHTS_FILE}: unreadable weights ({err}); the folder is damaged: "
                 "save or download the model again"
             ) from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of another shape: the config was edited, or comes from another model
+            mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+            raise ConfigError(
+                f"{path / WEIGHTS_FILE}: does not fit {meta_file} ({mismatch[:300]}): the config's 'model' "
+                "section (embed_dim, text, vision) differs from the one the weights were saved with; restore "
+                "the folder's config or save the model again"
+            ) from None
         missing = [k for k in missing if not model._separate(k)]
         if missing or unexpected:
             raise ConfigError(

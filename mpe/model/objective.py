@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mpe.model.losses import Dist, LossTerms, total_loss
+from mpe.model.losses import Dist, HardNegatives, LossTerms, total_loss
 from mpe.model.text.tower import TextEmbedding
 
 
@@ -14,9 +14,11 @@ def text_from_cache(model, states: torch.Tensor, caption_lens: list[int]) -> Tex
     return model.text.embed_readouts(model.text.top(states, batch))
 
 
-def model_loss(model, pixel_values: torch.Tensor, text: TextEmbedding, dist: Dist = Dist()) -> LossTerms:
-    """``L_con + λ_div·L_div + λ_neg·L_neg`` for a batch whose text side is already embedded."""
+def model_loss(
+    model, pixel_values: torch.Tensor, text: TextEmbedding, dist: Dist = Dist(), negatives: HardNegatives | None = None
+) -> LossTerms:
+    """``L_con + λ_div·L_div + λ_neg·L_neg`` for a batch whose text side (and hard negatives) is already embedded."""
     image = model.vision(pixel_values)
     scale, bias = model.scale_and_bias()
     loss = model.cfg.loss
-    return total_loss(image, text, scale, bias, loss.kind, loss.lambda_div, loss.lambda_neg, dist)
+    return total_loss(image, text, scale, bias, loss.kind, loss.lambda_div, loss.lambda_neg, dist, negatives)

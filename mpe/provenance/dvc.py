@@ -16,10 +16,15 @@ from pathlib import Path
 import yaml
 
 from mpe.errors import Interrupted, MpeError
+from mpe.runtime.lifeline import record_signal
 
 
 class DvcError(MpeError):
-    """A DVC command failed; the message holds its last lines."""
+    """A DVC command failed; the message is the line that says why, ``output`` its last lines."""
+
+    def __init__(self, message: str, output: str = ""):
+        super().__init__(message)
+        self.output = output
 
 
 def stage_names(project: Path) -> list[str]:
@@ -51,6 +56,32 @@ def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
             continue
 
 
+_MPE_ERROR = re.compile(r"^mpe [\w-]+: (error|interrupted)")
+# "[Errno 28] No space left on device: 'src' -> 'dst'": the path written is the last one
+_OS_ERROR = re.compile(r"\[Errno (\d+)\] [^:']+(?:: '([^']+)'(?: -> '([^']+)')?)?")
+# DVC reports some failures and still exits 0: an output it could not copy into its cache (a full disk),
+# a push that leaves out files its cache lacks
+_SILENT_FAILURES = ("ERROR: failed to transfer", "WARNING: Some of the cache files do not exist")
+
+
+def failure_line(lines: list[str]) -> str:
+    """The one line that says why a DVC command failed, from its last lines: a stage's own ``mpe`` error
+    (which names the file and what to do), else an OS error DVC hit itself (a full disk, a read-only or
+    busy folder: named with its path), else DVC's last ``ERROR:`` line, else the last line."""
+    mpe_lines = [line for line in lines if _MPE_ERROR.match(line)]
+    if mpe_lines:
+        return mpe_lines[-1].removesuffix(" (--debug shows the traceback)")
+    for line in reversed(lines):
+        if found := _OS_ERROR.search(line):
+            code, path = int(found[1]), found[3] or found[2]
+            advice = {28: "free some space", 30: "remount it writable", 16: "mount volumes one level up"}
+            return f"{path or 'a file'}: {os.strerror(code).lower()} (met by DVC itself)" + (
+                f"; {advice[code]} and rerun (finished work is kept)" if code in advice else ""
+            )
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["no output"])[-1].strip()
+
+
 def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> None:
     env = {**_quiet_env(), "TQDM_MININTERVAL": "5", "PYTHONUNBUFFERED": "1"}
     # mpe's own CLI must be the one in this environment, whatever PATH says
@@ -67,6 +98,7 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
         start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=40)
+    silent: list[str] = []  # failures DVC reports while exiting 0 (the first few)
     assert proc.stdout is not None
     try:
         for chunk in proc.stdout:
@@ -74,9 +106,16 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                 if line.strip():
                     tail.append(line)
                     log(line)
+                    if line.startswith(_SILENT_FAILURES) and len(silent) < 5:
+                        silent.append(line)
         proc.wait()
-    except KeyboardInterrupt:
-        _stop(proc)
+    except BaseException as err:
+        _stop(proc)  # whatever ends the wait ends DVC and its stage too: nothing runs on in its own session
+        signum = getattr(err, "signal", None)  # SIGTERM inside a flow: Prefect raises its TerminationSignal
+        if not isinstance(err, KeyboardInterrupt) and not isinstance(signum, int):
+            raise
+        if signum:
+            record_signal(signum)
         raise Interrupted(
             f"interrupted `dvc {' '.join(args)}`; finished work is kept (checkpoints, cache shards) "
             "and the next run resumes it"
@@ -88,12 +127,27 @@ def _dvc(args: list[str], project: Path, log: Callable[[str], None] = print) -> 
                 f"{project}: another DVC command (or `mpe run`) holds the project's lock; wait for it "
                 "to finish, or if none is running remove .dvc/tmp/rwlock and .dvc/tmp/lock"
             )
-        raise DvcError(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}:\n" + text)
+        raise DvcError(
+            f"`dvc {' '.join(args)}` failed (exit {proc.returncode}) in {project}: {failure_line(list(tail))}"
+            " (its output is above)",
+            text,
+        )
+    if silent and args[0] in ("repro", "push"):
+        # outputs missing from DVC's cache would be recorded and registered, yet never reach the remote
+        if args[0] == "repro":
+            found = next((m for line in silent if (m := _OS_ERROR.search(line))), None)
+            why = f"{found[3] or found[2]}: {os.strerror(int(found[1])).lower()}" if found else silent[0]
+            what = f"could not copy its outputs into DVC's cache ({why})"
+            fix = f"free some space, then run `dvc commit --force {args[-1]}` (the outputs are in the workspace)"
+        else:
+            what = "left out outputs that DVC's cache lacks (a stage's outputs were never cached)"
+            fix = "run `dvc commit --force`, then push again"
+        raise DvcError(f"`dvc {' '.join(args)}` in {project} exited 0 but {what}; {fix}", "\n".join(tail))
 
 
-def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print) -> None:
-    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed."""
-    _dvc(["repro", "--single-item", stage], project, log)
+def repro_stage(stage: str, project: Path, log: Callable[[str], None] = print, force: bool = False) -> None:
+    """``dvc repro --single-item STAGE``: rerun it only if its deps, params or outs changed (or ``force``)."""
+    _dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project, log)
 
 
 def push(project: Path, remote: str | None = None, log: Callable[[str], None] = print) -> None:
@@ -102,6 +156,21 @@ def push(project: Path, remote: str | None = None, log: Callable[[str], None] = 
 
 def pull(project: Path, targets: list[str] = (), remote: str | None = None, log: Callable[[str], None] = print) -> None:
     _dvc(["pull", *(["--remote", remote] if remote else []), *targets], project, log)
+
+
+def remote_of(project: Path, name: str | None = None) -> tuple[str | None, str | None]:
+    """The DVC remote ``name`` (or the project's default) and its URL, as ``dvc remote list`` shows them."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "list"], cwd=project, capture_output=True, text=True, env=_quiet_env()
+    )
+    remotes = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            remotes[parts[0]] = (parts[1], "(default)" in line)
+    if name is None:
+        name = next((n for n, (_, default) in remotes.items() if default), None)
+    return name, remotes.get(name, (None, False))[0] if name else None
 
 
 def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:

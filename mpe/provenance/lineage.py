@@ -61,7 +61,8 @@ def lineage_tags(
     flow_run_id: str | None = None,
 ) -> dict[str, str]:
     """The tags every registered version carries. ``outputs`` maps a tag (``data``, ``cache``, ``model``,
-    ``base_model``) to the DVC output path whose hash it records."""
+    ``base_model``) to the DVC output path whose hash it records. ``init_from`` … say where the training
+    started: ``scratch``, or ``champion`` with the version whose weights it started from and their sha256."""
     hashes = dvc_out_hashes(project)
     tags = {"git_commit": git_commit(project)}
     tags.update({f"dvc.{name}": hashes.get(path, "") for name, path in outputs.items()})
@@ -73,6 +74,14 @@ def lineage_tags(
             "ray_run_name": train_info.get("ray_run_name", ""),
             "mlflow_train_run_id": train_info.get("mlflow_run_id", ""),
             "test_set_sha256": test_set_sha256(test_shards),
+        }
+    )
+    start = train_info.get("start") or {}
+    tags.update(
+        {
+            "init_from": start.get("init_from", "scratch"),
+            "init_from_version": start.get("version") or "",
+            "init_from_sha256": start.get("weights_sha256") or "",
         }
     )
     return tags

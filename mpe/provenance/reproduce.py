@@ -6,6 +6,7 @@ with."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 
 from mpe.errors import MpeError
 from mpe.files.atomic import write_text
-from mpe.provenance.dvc import DvcError, changed_outputs, pull
+from mpe.provenance.dvc import DvcError, changed_outputs, pull, remote_of
 from mpe.provenance.run_record import RECORDED, is_git_repository, read_recorded, recorded_files
 from mpe.tracking.runs import use
 from mpe.tracking.settings import TrackingSettings
@@ -77,6 +78,35 @@ def _missing(text: str) -> list[str]:
     return [f.strip() for f in found if f.strip()]
 
 
+def _missing_objects(text: str) -> list[tuple[str, str]]:
+    """``(md5, where in the remote)`` of each object a failed ``dvc pull`` could not fetch."""
+    return re.findall(r"failed to transfer '([0-9a-f]{32}(?:\.dir)?)' - \[Errno \d+\] [^:']+: '([^']+)'", text)
+
+
+def _object_names(project: Path, lock: dict, remote_url: str | None) -> dict[str, str]:
+    """The workspace path of every object of the lock's outputs, by md5: a file output's own, and each file
+    of a folder output as its ``.dir`` listing (read from DVC's cache or a local remote) names it."""
+    roots = [project / ".dvc" / "cache" / "files" / "md5"] + (
+        [Path(remote_url) / "files" / "md5"] if remote_url else []
+    )
+    names = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            md5, path = out.get("md5") or "", out.get("path")
+            names[md5] = path
+            if not md5.endswith(".dir"):
+                continue
+            for root in roots:
+                listing = root / md5[:2] / md5[2:]
+                if listing.is_file():
+                    try:
+                        names.update({e["md5"]: f"{path}/{e['relpath']}" for e in json.loads(listing.read_text())})
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    break
+    return names
+
+
 def reproduce(
     project: Path,
     settings: TrackingSettings,
@@ -101,16 +131,24 @@ def reproduce(
     model_dir = (params.get("train") or {}).get("out_dir", "models/trained")
     remote = (params.get("dvc") or {}).get("remote")
     targets = [model_dir] if only_model else []
+    lock = yaml.safe_load(files["dvc.lock"])
     try:
         pull(project, targets, remote, log)
     except DvcError as err:
-        missing = _missing(str(err)) or [model_dir if only_model else "the outputs of dvc.lock"]
+        remote_name, url = remote_of(project, remote)
+        where = f"'{remote_name}' ({url})" if remote_name else "(none configured)"
+        objects = _missing_objects(err.output)
+        if objects:
+            local = url if url and "://" not in url else None
+            names = _object_names(project, lock, local)
+            missing = [f"{names.get(md5, 'an object')} (md5 {md5[:12]}…, {place})" for md5, place in objects]
+        else:
+            missing = _missing(err.output) or [model_dir if only_model else "the outputs of dvc.lock"]
         raise ReproduceError(
-            f"model '{name}' version {mv.version}: the DVC remote '{remote or 'default'}' lacks "
-            f"{', '.join(missing[:5])}; push them from a machine that has them "
-            f"(`dvc push{' -r ' + remote if remote else ''}`)"
+            f"model '{name}' version {mv.version}: the DVC remote {where} lacks {len(missing)} object(s): "
+            f"{'; '.join(missing[:3])}; push them from a machine that has them "
+            f"(`dvc push{' -r ' + remote_name if remote_name else ''}`)"
         ) from None
-    lock = yaml.safe_load(files["dvc.lock"])
     outs = {o["path"]: o.get("md5") for st in (lock.get("stages") or {}).values() for o in st.get("outs") or []}
     want = mv.tags.get("dvc.model")
     if want and outs.get(model_dir) != want:

@@ -67,3 +67,8 @@ def autocast_dtype(mode: str, device: str, min_speedup: float = 1.3) -> torch.dt
 
 def dtype_name(autocast: torch.dtype | None) -> str:
     return "bfloat16" if autocast == torch.bfloat16 else "float32"
+
+
+def autocast_of(name: str) -> torch.dtype | None:
+    """The autocast dtype of a decision recorded by :func:`dtype_name` (None: fp32, no autocast)."""
+    return torch.bfloat16 if name == "bfloat16" else None

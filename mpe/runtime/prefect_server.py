@@ -10,6 +10,7 @@ server already.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,25 @@ from pathlib import Path
 
 from mpe.errors import MpeError
 from mpe.runtime.loopback import free_port
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed flow or task with its traceback; for an :class:`MpeError` (a Ctrl-C, bad input,
+    a failed DVC stage) the message already names the file and what to do, so the traceback goes (a bug
+    keeps its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MpeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_user_errors() -> None:
+    """Make Prefect's flow and task run loggers log an :class:`MpeError` as its one line (idempotent)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsInOneLine) for f in logger.filters):
+            logger.addFilter(_UserErrorsInOneLine())
 
 
 def _flush_logs() -> None:

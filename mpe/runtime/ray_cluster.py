@@ -150,10 +150,15 @@ def ensure_ray(cfg) -> None:
     temp_dir = local_temp_dir()
     stop_orphans(temp_dir)
     os.environ[MARKER] = temp_dir  # inherited by every process of the cluster: how a later run finds orphans
-    with local_node_env():
+    # Where this cluster's own processes look for "the" local cluster when they are not told: Ray Train's
+    # placement-group cleaner asks the state API with no address, which scans the machine for Ray clusters
+    # and fails ("Found multiple active Ray instances") when another one runs beside ours.
+    own_tmp = Path(temp_dir) / "tmp"
+    with local_node_env(), _environ(RAY_TMPDIR=str(own_tmp)):
         # Without the dashboard there is no state API, and Ray Train's placement-group cleaner warns
         # about that every second; Ray's own logs are kept to errors on the local cluster.
         ray.init(
+            address="local",  # a new cluster of our own, never one that happens to run on the machine
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -162,6 +167,24 @@ def ensure_ray(cfg) -> None:
             _temp_dir=temp_dir,
             logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
         )
+    address_file = own_tmp / "ray" / "ray_current_cluster"  # what `ray start` writes; ray.init does not
+    address_file.parent.mkdir(parents=True, exist_ok=True)
+    address_file.write_text(ray.get_runtime_context().gcs_address)
+
+
+@contextmanager
+def _environ(**values: str):
+    """``values`` in this process's environment for the block (what processes started in it inherit)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def torch_config(cfg, use_gpu: bool, store_dir: Path):

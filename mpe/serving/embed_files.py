@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from mpe.errors import DataError
 from mpe.files.atomic import atomic_path
+from mpe.model.vision.preprocess import ImageTransform
+from mpe.serving.request import check_image_size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -48,12 +50,15 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def open_image(path: Path) -> Image.Image:
+def image_input(path: Path, transform: ImageTransform) -> torch.Tensor:
+    """One image file as the tower's ``(3, size, size)`` uint8 input, its size checked from the header and
+    the picture shrunk as soon as it is decoded (a batch holds no full-size image)."""
     try:
         with Image.open(path) as im:
+            check_image_size(str(path), im.width, im.height, transform)
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+            return transform.to_uint8(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
 
 
@@ -70,7 +75,8 @@ def embed_texts(model, texts: list[str], batch_size: int = 32) -> np.ndarray:
 def embed_image_files(model, files: list[Path], batch_size: int = 32) -> np.ndarray:
     out = []
     for i in tqdm(range(0, len(files), batch_size), desc="embed images", unit="batch"):
-        out.append(model.encode_image([open_image(p) for p in files[i : i + batch_size]]).float().cpu().numpy())
+        pixels = torch.stack([image_input(p, model.image_transform) for p in files[i : i + batch_size]])
+        out.append(model.encode_pixels(pixels).float().cpu().numpy())
     return np.concatenate(out)
 
 

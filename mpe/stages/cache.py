@@ -13,13 +13,16 @@ import torch
 from tqdm import tqdm
 
 from mpe.cache.compute import (
+    TEXTS_IDENTITY,
+    ShardCheck,
     cache_data_shard,
     cache_fields,
+    cache_negatives_shard,
     cache_texts,
     data_shard_identity,
     estimate_bytes,
-    is_current,
     load_trunk_tower,
+    negatives_identity,
     trunk_info,
 )
 from mpe.cache.ray_engine import build_with_ray
@@ -30,6 +33,7 @@ from mpe.data.stats import verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
 from mpe.files.atomic import write_json
+from mpe.files.verified import RECORD
 from mpe.records import CACHE, metrics_file
 from mpe.runtime.precision import autocast_dtype, cpu_bf16_speedup, dtype_name
 
@@ -70,20 +74,44 @@ def run(params: Params) -> dict:
     data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)
     if not data_shards:
         raise StageInputError(f"{storage.join(data_root, 'shards', 'train')}: no training shards; run `mpe data`")
+    for sub in ("train", "texts", "negatives"):
+        storage.remove_stale_temporaries(storage.join(folder.url, sub), keep=(RECORD,))
+    # a shard built from other data, or damaged since it was written (checksums), is computed again
+    check = ShardCheck()
     jobs = [(d, folder.shard_url("train", d)) for d in data_shards]
-    jobs = [(d, out) for d, out in jobs if not is_current(out, data_shard_identity(d))]
+    jobs = [(d, out) for d, out in jobs if check.check(out, data_shard_identity(d)) != "current"]
+    hard = params.train.hard_negatives
+    negative_jobs = []
+    if hard.enabled:  # the hard negatives of every training caption (train.hard_negatives)
+        negative_jobs = [
+            (d, folder.negatives_url(d))
+            for d in data_shards
+            if check.check(folder.negatives_url(d), negatives_identity(d, hard.per_caption, hard.seed)) != "current"
+        ]
     eval_texts = list(dict.fromkeys(evaluation_texts(data_root)))
     texts_out = folder.texts_url(eval_texts)
-    texts_job = [] if storage.exists(texts_out) else [(eval_texts, texts_out)]
-    for sub in ("train", "texts"):
-        storage.remove_stale_temporaries(storage.join(folder.url, sub))
+    texts_job = [] if check.check(texts_out, TEXTS_IDENTITY) == "current" else [(eval_texts, texts_out)]
+    check.save()
+    for damage in check.damage.values():
+        print(f"cache: recomputing a damaged shard: {damage.split('; ')[0]}", flush=True)
 
-    est = estimate_bytes(data_shards, len(eval_texts), info, text.max_caption_tokens, STORAGE[cfg.dtype].itemsize)
+    est = estimate_bytes(
+        data_shards,
+        len(eval_texts),
+        info,
+        text.max_caption_tokens,
+        STORAGE[cfg.dtype].itemsize,
+        negatives_per_caption=hard.per_caption if hard.enabled else 0,
+    )
     _announce(est, cfg.dtype, cfg.warn_gb)
     started = time.perf_counter()
     bar = tqdm(desc="cache trunk states", unit="text")
     if cfg.engine == "ray":
         ray_jobs = jobs + [("texts:" + json.dumps(t), o) for t, o in texts_job]
+        ray_jobs += [
+            ("negatives:" + json.dumps({"data": d, "per_caption": hard.per_caption, "seed": hard.seed}), o)
+            for d, o in negative_jobs
+        ]
         computed = build_with_ray(ray_jobs, base_dir, text, trust, cfg, params.ray, dtype_name(autocast), bar.update)
     else:
         tower = load_trunk_tower(base_dir, text, trust, device)
@@ -92,7 +120,14 @@ def run(params: Params) -> dict:
             computed += cache_data_shard(tower, d, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
         for t, out in texts_job:
             computed += cache_texts(tower, t, out, cfg.dtype, cfg.batch_size, autocast, bar.update)["texts"]
+        for d, out in negative_jobs:
+            computed += cache_negatives_shard(
+                tower, d, out, hard.per_caption, hard.seed, cfg.dtype, cfg.batch_size, autocast, bar.update
+            )["texts"]
     bar.close()
+    for _, out in jobs + texts_job + negative_jobs:
+        check.written(out)
+    check.save()
     folder.write_active()
     summary = {
         "folder": folder.url,
@@ -105,6 +140,8 @@ def run(params: Params) -> dict:
         "shards_computed": len(jobs),
         "shards_reused": len(data_shards) - len(jobs),
         "computed_shards": sorted(storage.name(d) for d, _ in jobs),  # this run's, by data shard
+        "damaged_shards": sorted(storage.name(url) for url in check.damage),  # recomputed: they failed their checksums
+        "negative_shards_computed": len(negative_jobs),
         "texts_computed": computed,
         "skipped_corrupt_shards": corrupt,
         "compute_seconds": round(time.perf_counter() - started, 2),

@@ -1,7 +1,7 @@
 """Stage ``evaluate``: the trained model and its untrained twin (same architecture and trunk) on the
-test split, the negation set and the zero-shot tasks, against chance; the trained model on the standard
-benchmarks of ``evaluate.benchmarks`` (``<name>.<metric>`` keys); plots; the numbers and plots added to the
-MLflow run that trained the model."""
+test split, the negation set, the zero-shot tasks and the linear probes of each aspect, against chance; the
+trained model on the standard benchmarks of ``evaluate.benchmarks`` and the world's own compositional sets
+(``<name>.<metric>`` keys); plots; the numbers and plots added to the MLflow run that trained the model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from mpe.cache.compute import open_cache
 from mpe.cache.store import TextStates
 from mpe.config import Params
+from mpe.data.evaluation_sets import world_benchmarks
 from mpe.data.loader import load_split
 from mpe.data.stats import verified_shards
-from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
+from mpe.evaluation.benchmarks.scoring import benchmark_analysis, benchmark_metrics, read_benchmarks
 from mpe.evaluation.plots import loss_curves, prompt_maps, recall_bars
 from mpe.evaluation.tasks import (
     TextEmbedder,
@@ -28,8 +29,20 @@ from mpe.files.atomic import write_json
 from mpe.model.configuration import ModelConfig
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
 from mpe.model.text.tower import LLMTextTower
-from mpe.records import EVAL, TRAIN_HISTORY, metrics_file, read_metrics, report_sections, to_mlflow, training_run_id
-from mpe.tracking.runs import log_to_run
+from mpe.records import (
+    EVAL,
+    TRAIN,
+    TRAIN_HISTORY,
+    TrainingSummary,
+    metrics_file,
+    read_metrics,
+    report_sections,
+    to_mlflow,
+    training_run_id,
+)
+from mpe.serving.mlflow_model import log_model_card
+from mpe.serving.model_card import write_model_card
+from mpe.tracking.runs import log_to_run, require_run
 from mpe.tracking.settings import tracking_settings
 
 
@@ -41,6 +54,14 @@ def _untrained_twin(cfg: ModelConfig, pretrained: str | None) -> ModelConfig:
     return cfg
 
 
+def _datasets(source: str, url_list: str | None) -> list[str]:
+    """What the model card names as the training data: the shapes world, or the URL list by file name (a
+    path particular to this machine is no dataset name)."""
+    if source == "shapes" or not url_list:
+        return ["mpe-shapes (synthetic)"]
+    return [Path(url_list).name or url_list]
+
+
 def run(params: Params) -> dict:
     ks = tuple(params.evaluate.ks)
     batch_size = params.evaluate.batch_size
@@ -49,7 +70,10 @@ def run(params: Params) -> dict:
     plots = Path(params.evaluate.plots_dir)
     for split in {"test", *params.evaluate.splits}:
         verified_shards(data_root, split, params.data.skip_corrupt_shards)  # a bad shard is named, not used silently
-    benchmarks = read_benchmarks(params.evaluate.benchmarks)  # a missing or malformed file fails before models load
+    # a missing or malformed file fails before models load; the world's own compositional sets come with its data
+    benchmarks = read_benchmarks([*params.evaluate.benchmarks, *world_benchmarks(data_root)])
+    run_id = training_run_id(params.metrics_dir)
+    require_run(tracking_settings(params.mlflow), run_id, metrics_file(params.metrics_dir, TRAIN))  # before the work
     trained = MultiPromptCLIP.from_pretrained(params.train.out_dir)
     cache = None
     if params.cache.enabled and isinstance(trained.text, LLMTextTower):
@@ -75,8 +99,19 @@ def run(params: Params) -> dict:
             trained, benchmarks, TextEmbedder(trained, cache, batch_size), ks, batch_size
         )
         report["trained"].update(flat)
+        report["analysis"]["trained"].update(benchmark_analysis(report["benchmarks"]))
     report["details"] = results
     write_json(metrics_file(params.metrics_dir, EVAL), report)
+    # the model card sits in the model folder (.dvcignore keeps it out of the train stage's hash)
+    card = write_model_card(
+        params.train.out_dir,
+        params.registry.model_name,
+        trained.cfg,
+        trained.provenance,
+        params.base_model.name if not Path(params.base_model.name).is_dir() else Path(params.base_model.name).name,
+        _datasets(params.data.source, params.data.url_list),
+        report,
+    )
 
     keys = [k for k in report["trained"] if not k.startswith("compositional_") and "." not in k]  # test split only
     recall_bars(
@@ -97,9 +132,10 @@ def run(params: Params) -> dict:
         plots / "prompt_maps.png",
     )
 
-    run_id = training_run_id(params.metrics_dir)
     if run_id:
-        log_to_run(
-            tracking_settings(params.mlflow), run_id, to_mlflow(report_sections(report)), sorted(plots.glob("*.png"))
-        )
+        settings = tracking_settings(params.mlflow)
+        log_to_run(settings, run_id, to_mlflow(report_sections(report)), sorted(plots.glob("*.png")))
+        train = TrainingSummary.read(params.metrics_dir)
+        if train is not None and train.model_uri:
+            log_model_card(settings, train.model_uri, card)
     return report

@@ -19,7 +19,7 @@ from mpe.records import EVAL, REGISTER, TRAIN, TrainingSummary, metrics_file, re
 from mpe.serving.mlflow_model import download_model_folder
 from mpe.tracking.gate import is_benchmark_metric
 from mpe.tracking.registry import register_and_gate
-from mpe.tracking.runs import log_to_run
+from mpe.tracking.runs import log_to_run, require_run
 from mpe.tracking.settings import tracking_settings
 
 
@@ -37,6 +37,8 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
     evaluation = read_metrics(params.metrics_dir, EVAL)
     if evaluation is None:
         raise StageInputError(f"{metrics_file(params.metrics_dir, EVAL)}: missing; run `mpe evaluate` first")
+    settings = tracking_settings(params.mlflow)
+    require_run(settings, train.mlflow_run_id, metrics_file(params.metrics_dir, TRAIN))
     ks, batch_size = tuple(params.evaluate.ks), params.evaluate.batch_size
     gate = params.registry.gate_metric
     # a gate on a benchmark re-measures the champion on that benchmark alone
@@ -71,7 +73,6 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
             "mpe.provenance.lineage": "git+artifacts" if record else "artifacts",
         }
     )
-    settings = tracking_settings(params.mlflow)
     if train.mlflow_run_id:
         by_folder: dict[str, list[Path]] = {}
         for name in recorded_files(project):  # metrics/eval.json -> lineage/metrics/eval.json

@@ -9,33 +9,60 @@ from pathlib import Path
 
 import torch
 
-from mpe.cache.compute import data_shard_identity, is_current, open_cache
-from mpe.cache.store import CacheFolder
+from mpe.cache.compute import ShardCheck, data_shard_identity, negatives_identity, open_cache
+from mpe.cache.store import CacheCorrupt, CacheFolder
 from mpe.config import Params
-from mpe.data.stats import read_stats, verified_shards
+from mpe.data.stats import data_identity, read_stats, verified_shards
 from mpe.errors import StageInputError
 from mpe.files import storage
-from mpe.files.atomic import atomic_path, write_json
+from mpe.files.atomic import atomic_path, check_replaceable, write_json
+from mpe.files.hashing import checkpoint_sha256, model_folder_sha256
 from mpe.model.base_model import source_label
 from mpe.model.vision.pretrained import transform_of
 from mpe.records import TRAIN, TRAIN_HISTORY, TrainingSummary, metrics_file
+from mpe.runtime.precision import autocast_dtype, dtype_name
 from mpe.runtime.project_lock import PROJECT_TAG, project_identity
 from mpe.serving.mlflow_model import log_trained_model
 from mpe.tracking.settings import tracking_settings
-from mpe.training.checkpoint import load_trainable
+from mpe.training.checkpoint import NonFiniteWeights, load_trainable, non_finite, recorded_compute_dtype
 from mpe.training.run_identity import effective_run_name, run_fingerprint, total_steps
 from mpe.training.warm_start import champion_start, scratch
 from mpe.training.worker import TrainJob, build_model, fit
 
 
 def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
-    """The cache shard of every data shard, each checked to be built from that very shard."""
+    """The cache shard of every data shard, each checked to be built from that very shard and to hold the
+    bytes it was written with (read in full only if the file changed since it was last verified)."""
     shards = [folder.shard_url("train", d) for d in data_shards]
-    stale = [d for d, c in zip(data_shards, shards) if not is_current(c, data_shard_identity(d))]
+    check = ShardCheck()
+    states = [check.check(c, data_shard_identity(d)) for d, c in zip(data_shards, shards)]
+    check.save()
+    if check.damage:
+        first = next(iter(check.damage.values()))
+        raise CacheCorrupt(f"{first} ({len(check.damage)} damaged cache shard(s))" if len(check.damage) > 1 else first)
+    stale = [d for d, state in zip(data_shards, states) if state != "current"]
     if stale:
         raise StageInputError(
             f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current "
             f"cache shard (first: {storage.name(stale[0])}); run `mpe cache` first"
+        )
+    return shards
+
+
+def _negative_shards(folder: CacheFolder, data_shards: list[str], per_caption: int, seed: int) -> list[str]:
+    """The negatives shard of every data shard, each checked to hold that shard's negatives as drawn now."""
+    shards = [folder.negatives_url(d) for d in data_shards]
+    check = ShardCheck()
+    states = [check.check(n, negatives_identity(d, per_caption, seed)) for d, n in zip(data_shards, shards)]
+    check.save()
+    if check.damage:
+        first = next(iter(check.damage.values()))
+        raise CacheCorrupt(f"{first} ({len(check.damage)} damaged cache shard(s))" if len(check.damage) > 1 else first)
+    stale = [d for d, state in zip(data_shards, states) if state != "current"]
+    if stale:
+        raise StageInputError(
+            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current hard-negatives "
+            f"shard (first: {storage.name(stale[0])}); run `mpe cache` first (train.hard_negatives is on)"
         )
     return shards
 
@@ -55,16 +82,27 @@ def _timing(clock: list[tuple[str, float]], history: list[dict]) -> dict:
     return out
 
 
+def _model_files(base_dir: Path, cache_fields: dict | None, vision_pretrained: str | None) -> dict:
+    """The content of the model folders the run reads: the prepared base LLM (whose ``mpe_base.json`` names
+    the content of a local source folder) and a pretrained vision tower, by sha256, never by path."""
+    base = cache_fields["model_sha256"] if cache_fields else checkpoint_sha256(base_dir)
+    return {"base_model": base, "vision": model_folder_sha256(vision_pretrained) if vision_pretrained else None}
+
+
 def run(params: Params) -> dict:
     clock = [("start", time.perf_counter())]
     tcfg = params.train
+    # where the result goes, checked before minutes of training that could not be put in place
+    check_replaceable(tcfg.out_dir, "train.out_dir")
+    check_replaceable(metrics_file(params.metrics_dir, TRAIN), "metrics_dir")
     base_dir = Path(params.base_model.out_dir).resolve()
     data_root = storage.absolute(params.data.out_dir)
     data_shards, corrupt = verified_shards(data_root, "train", params.data.skip_corrupt_shards)
     stats = read_stats(data_root)
     n_train = int(stats["splits"]["train"]["successes"])
     total = total_steps(tcfg, n_train)
-    cache_shards, fields = None, None
+    cache_shards, fields, negative_shards = None, None, None
+    hard = tcfg.hard_negatives
     if params.cache.enabled:
         folder = open_cache(
             storage.absolute(params.cache.root),
@@ -75,6 +113,8 @@ def run(params: Params) -> dict:
         )
         fields = folder.fields
         cache_shards = _cache_shards(folder, data_shards)
+        if hard.enabled:
+            negative_shards = _negative_shards(folder, data_shards, hard.per_caption, hard.seed)
     settings = tracking_settings(params.mlflow)
     provenance = {"base_model": source_label(params.base_model)}
     start_weights, start = (
@@ -82,10 +122,19 @@ def run(params: Params) -> dict:
         if tcfg.init_from == "champion"
         else scratch()
     )
+    model_files = _model_files(base_dir, fields, params.model.vision.pretrained)
     run_name = effective_run_name(
-        tcfg.run_name, run_fingerprint(params.seed, params.model, tcfg, params.base_model, stats, fields, start)
+        tcfg.run_name,
+        run_fingerprint(
+            params.seed, params.model, tcfg, params.base_model, data_identity(stats), fields, start, total, model_files
+        ),
     )
     ray_storage = Path(tcfg.storage_path).resolve()
+    # one decision for every rank, taken here once per run (a resumed run keeps the one it started with):
+    # ranks that chose for themselves could disagree and fail in their first collective
+    compute_dtype = recorded_compute_dtype(ray_storage / run_name) or dtype_name(
+        autocast_dtype(tcfg.autocast, "cuda" if tcfg.use_gpu else "cpu")
+    )
     init_file = None
     if start_weights is not None:  # beside the run's checkpoints: the run's folder is named by these weights
         init_file = ray_storage / run_name / "start.safetensors"
@@ -98,6 +147,7 @@ def run(params: Params) -> dict:
         "train": tcfg.model_dump(mode="json"),
         "cache": {"enabled": params.cache.enabled, "dtype": params.cache.dtype},
         "start": start,
+        "compute_dtype": compute_dtype,
     }
     model_cfg = params.model.model_dump(mode="json")
     if params.model.vision.pretrained:  # Ray workers run in their own working folder
@@ -119,18 +169,28 @@ def run(params: Params) -> dict:
             "shuffle_buffer": tcfg.shuffle_buffer,
             "seed": params.seed,
             "workers": tcfg.loader_workers,
+            "hard_negatives": hard.per_caption if hard.enabled else 0,
+            "negatives_seed": hard.seed,
+            "negative_shards": tuple(negative_shards) if negative_shards else None,
         },
         tracking=asdict(settings),
         logged_params=logged,
         run_tags={**params.mlflow.tags, PROJECT_TAG: project_identity(Path.cwd())},
         run_name=run_name,
         run_dir=str(ray_storage / run_name),
+        compute_dtype=compute_dtype,
         init_weights=str(init_file) if init_file else None,
     )
     clock.append(("inputs", time.perf_counter()))
     weights, state = fit(job, tcfg, params.ray, ray_storage)
     clock.append(("ray_train", time.perf_counter()))
 
+    broken = non_finite(weights)
+    if broken:  # the step guard stops a non-finite loss; an optimiser step can still overflow a weight
+        raise NonFiniteWeights(
+            f"{ray_storage / run_name}: the final checkpoint's weights are not finite ({', '.join(broken[:3])}); "
+            "nothing was exported: the training diverged (lower train.lr)"
+        )
     model = build_model(job)
     load_trainable(model, weights)
     model.provenance.update({"ray_run_name": run_name, "steps": state["step"], "start": start})
@@ -157,7 +217,7 @@ def run(params: Params) -> dict:
         data_wait_share_after_first_step=_data_wait_share(state["history"], True),
         skipped_samples=state.get("skipped_samples", {}),
         skipped_corrupt_shards=corrupt,
-        compute_dtype=state.get("compute_dtype"),
+        compute_dtype=compute_dtype,
         start=start,
         mlflow_run_id=run_id,
         model_uri=model_uri,

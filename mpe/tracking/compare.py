@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mpe.files.atomic import write_text
 from mpe.records import short_name, to_mlflow
+from mpe.tracking.runs import check_store
 from mpe.tracking.settings import TrackingSettings
 
 HEADLINE = [
@@ -26,6 +27,7 @@ def compare_runs(settings: TrackingSettings, last: int = 5) -> str:
     """A markdown table of the last ``last`` runs of the experiment (newest first)."""
     import mlflow
 
+    check_store(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:

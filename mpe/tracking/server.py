@@ -35,6 +35,9 @@ from mpe.runtime.loopback import free_port, port_free
 DEFAULT_DIR = ".mlflow-pg"
 DEFAULT_PORT = 5000
 ROLE = DATABASE = "mlflow"
+# Every process of a folder's server (MLflow, its uvicorn workers, PostgreSQL and its backends) inherits
+# MPE_TRACKING_SERVER=<folder>: how status finds them all, and stop ends them, whoever their parent is now.
+MARKER = "MPE_TRACKING_SERVER"
 
 
 class Layout:
@@ -96,6 +99,7 @@ def _run(cmd: list[str], lay: Layout, what: str, stdin: str | None = None) -> st
     out = subprocess.run(
         cmd,
         cwd=lay.root,
+        env=_server_env(lay),
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
@@ -107,6 +111,13 @@ def _run(cmd: list[str], lay: Layout, what: str, stdin: str | None = None) -> st
             f"{what} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-1500:]}\nlog: {lay.pg_log}"
         )
     return out.stdout
+
+
+def _server_env(lay: Layout, **extra) -> dict:
+    """The environment of the folder's processes: its mark, and no run owner's (the server outlives the command
+    that starts it; ``mpe.runtime.lifeline``)."""
+    env = {k: v for k, v in os.environ.items() if k != "MPE_OWNER"}
+    return {**env, MARKER: str(lay.root), **extra}
 
 
 def scram_verifier(password: str, salt: bytes | None = None, iterations: int = 4096) -> str:
@@ -250,6 +261,7 @@ def _pg_running(lay: Layout, user: str | None, bindir: Path) -> bool:
     out = subprocess.run(
         _as(user, [bindir / "pg_ctl", "-D", lay.pgdata, "status"]),
         cwd=lay.root,
+        env=_server_env(lay),
         capture_output=True,
         stdin=subprocess.DEVNULL,
     )
@@ -275,15 +287,132 @@ def _alive(pid: int, lay: Layout) -> bool:
     return status != "Z" and b"server" in cmdline and str(lay.artifacts).encode() in cmdline
 
 
-def status(folder: str | Path = DEFAULT_DIR) -> dict | None:
-    """The running server of ``folder`` ({tracking_uri, port, pid, pg_port, healthy}), or None."""
+def _proc(pid: int) -> tuple[list[str], int, bytes] | None:
+    """``(command line, parent pid, environment)`` of a live process, or None (gone, a zombie, or not ours
+    to read)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return [a.decode(errors="replace") for a in cmdline.split(b"\0") if a], int(fields[1]), environ
+
+
+def _postmaster(lay: Layout) -> int | None:
+    """The pid ``pgdata/postmaster.pid`` names, if that process is alive and a PostgreSQL server."""
+    try:
+        pid = int((lay.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    proc = _proc(pid)
+    return pid if proc and proc[0] and "postgres" in Path(proc[0][0]).name else None
+
+
+def processes(folder: str | Path = DEFAULT_DIR) -> list[dict]:
+    """Every live process of the folder's server, whoever its parent is now: ``{pid, ppid, role, command}``
+    with role ``mlflow server``, ``mlflow worker``, ``postgresql`` (the postmaster) or ``postgresql child``."""
     lay = Layout(folder)
-    if not lay.state.exists():
+    mark = f"{MARKER}={lay.root}".encode()
+    main = json.loads(lay.state.read_text()).get("pid") if lay.state.exists() else None
+    postmaster = _postmaster(lay)
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        pid = int(d.name)
+        proc = _proc(pid)
+        if proc is None or pid == os.getpid():
+            continue
+        cmdline, ppid, environ = proc
+        try:  # PostgreSQL writes its process titles over its environment; its processes work in pgdata
+            in_pgdata = os.readlink(f"/proc/{pid}/cwd") == str(lay.pgdata)
+        except OSError:
+            in_pgdata = False
+        if mark not in environ.split(b"\0") and pid not in (main, postmaster) and not in_pgdata:
+            continue
+        if pid == main and not _alive(pid, lay):
+            continue
+        name = Path(cmdline[0]).name if cmdline else ""
+        if pid == postmaster:
+            role = "postgresql"
+        elif "postgres" in name or (cmdline and cmdline[0].startswith("postgres:")):
+            role = "postgresql child"
+        elif "pg_ctl" in name or "runuser" in name:
+            continue  # a start or stop in progress, not the server
+        else:
+            role = "mlflow server" if pid == main else "mlflow worker"
+        out.append({"pid": pid, "ppid": ppid, "role": role, "command": " ".join(cmdline)[:160]})
+    return sorted(out, key=lambda p: p["pid"])
+
+
+def _database_answers(lay: Layout, pg_port: int) -> bool:
+    """Whether PostgreSQL takes a query from MLflow's role, as the MLflow server connects (TCP, passfile)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=pg_port,
+            dbname=DATABASE,
+            user=ROLE,
+            passfile=str(lay.passfile),
+            connect_timeout=5,
+        ) as conn:
+            conn.execute("select 1")
+        return True
+    except (psycopg.Error, OSError):
+        return False
+
+
+def status(folder: str | Path = DEFAULT_DIR) -> dict | None:
+    """What runs of ``folder``'s server, checked end to end, or None when nothing does.
+
+    ``healthy`` only when the MLflow server process lives and answers ``/health`` and PostgreSQL runs and
+    answers MLflow's role; otherwise ``problems`` says what is wrong. ``processes`` lists every process of
+    the folder (orphaned uvicorn workers and PostgreSQL children included)."""
+    lay = Layout(folder)
+    state = json.loads(lay.state.read_text()) if lay.state.exists() else None
+    cluster = json.loads(lay.cluster.read_text()) if lay.cluster.exists() else {}
+    procs = processes(lay.root)
+    if state is None and not procs:
         return None
-    state = json.loads(lay.state.read_text())
-    if not _alive(state["pid"], lay):
-        return None
-    return {**state, "healthy": _healthy(state["port"])}
+    main = state is not None and _alive(state["pid"], lay)
+    answers = state is not None and _healthy(state["port"])
+    postmaster = _postmaster(lay)
+    database = postmaster is not None and "pg_port" in cluster and _database_answers(lay, cluster["pg_port"])
+    workers = [p["pid"] for p in procs if p["role"] == "mlflow worker"]
+    problems = []
+    if state is None:
+        problems.append(f"no MLflow server was started ({lay.state} is missing)")
+    elif not main:
+        problems.append(
+            f"the MLflow server (pid {state['pid']}) is gone"
+            + (f", but {len(workers)} of its workers still run (pids {workers})" if workers else "")
+            + (" and answer on its port" if answers else "")
+        )
+    elif not answers:
+        problems.append(f"the MLflow server (pid {state['pid']}) does not answer on 127.0.0.1:{state['port']}/health")
+    if postmaster is None:
+        children = [p["pid"] for p in procs if p["role"] == "postgresql child"]
+        problems.append(
+            "PostgreSQL is not running" + (f" (orphaned children left: pids {children})" if children else "")
+        )
+    elif not database:
+        problems.append(
+            f"PostgreSQL (pid {postmaster}) does not answer on 127.0.0.1:{cluster.get('pg_port')} (see {lay.pg_log})"
+        )
+    return {
+        **(state or {}),
+        "pg_port": cluster.get("pg_port"),
+        "healthy": not problems,
+        "mlflow_server": main,
+        "answers": answers,
+        "postgresql_pid": postmaster,
+        "database": database,
+        "problems": problems,
+        "processes": procs,
+    }
 
 
 def _wait_healthy(port: int, exited, lay: Layout, timeout: float) -> None:
@@ -311,9 +440,15 @@ def start(
     """Start (or find running) the PostgreSQL cluster and the MLflow server of ``folder``."""
     lay = Layout(folder)
     running = status(lay.root)
-    if running:
-        _wait_healthy(running["port"], lambda: not _alive(running["pid"], lay), lay, timeout)
-        return {**running, "healthy": True, "already_running": True}
+    repaired: list[str] = []
+    if running is not None and running["healthy"]:
+        return {**running, "already_running": True, "repaired": repaired}
+    if running is not None and running["mlflow_server"] and running["database"] and not running["answers"]:
+        _wait_healthy(running["port"], lambda: not _alive(running["pid"], lay), lay, timeout)  # still starting
+        return {**status(lay.root), "already_running": True, "repaired": repaired}
+    if running is not None:  # half of it runs: end what is left, then start it whole
+        repaired = running["problems"]
+        stop(lay.root)
     lay.root.mkdir(parents=True, exist_ok=True)
     if lay.cluster.exists() and lay.pgdata.exists():
         cluster = json.loads(lay.cluster.read_text())
@@ -345,13 +480,13 @@ def start(
         raise ServiceError(f"port {port} on 127.0.0.1 is in use: pass --port (make tracking-server TRACKING_PORT=...)")
     # no password here: libpq reads PGPASSFILE; the dialect named, not left to SQLAlchemy's default driver
     backend = f"postgresql+psycopg://{ROLE}@127.0.0.1:{cluster['pg_port']}/{DATABASE}"
-    env = {
-        **os.environ,
-        "PGPASSFILE": str(lay.passfile),
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-    }
+    env = _server_env(
+        lay,
+        PGPASSFILE=str(lay.passfile),
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+    )
     with open(lay.mlflow_log, "a") as log:
         proc = subprocess.Popen(
             [
@@ -384,7 +519,7 @@ def start(
     except BaseException:
         stop(lay.root)
         raise
-    return {**state, "healthy": True, "already_running": False}
+    return {**state, "healthy": True, "already_running": False, "repaired": repaired}
 
 
 def _end_group(pid: int, lay: Layout, grace: float = 30.0) -> None:
@@ -401,23 +536,45 @@ def _end_group(pid: int, lay: Layout, grace: float = 30.0) -> None:
         pass
 
 
+def _end(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL what is still there after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_proc(pid) for pid in pids):
+            time.sleep(0.1)
+
+
 def stop(folder: str | Path = DEFAULT_DIR) -> list[str]:
-    """Stop the MLflow server and the PostgreSQL cluster of ``folder``; returns what was stopped."""
+    """Stop every process of ``folder``'s server: the MLflow server and its workers (orphaned ones too), and
+    the PostgreSQL cluster (what a killed postmaster left included). Returns what was stopped."""
     lay = Layout(folder)
     stopped = []
-    if lay.state.exists():
-        state = json.loads(lay.state.read_text())
-        if _alive(state["pid"], lay):
-            _end_group(state["pid"], lay)
-            deadline = time.monotonic() + 10
-            while not port_free(state["port"]) and time.monotonic() < deadline:  # killed workers close late
-                time.sleep(0.1)
-            stopped.append(f"mlflow server (pid {state['pid']}, port {state['port']})")
-        lay.state.unlink(missing_ok=True)
+    state = json.loads(lay.state.read_text()) if lay.state.exists() else None
+    if state and _alive(state["pid"], lay):
+        _end_group(state["pid"], lay)
+        stopped.append(f"mlflow server (pid {state['pid']}, port {state['port']})")
+    orphans = [p["pid"] for p in processes(lay.root) if p["role"].startswith("mlflow")]
+    if orphans:  # workers whose server was killed: another process group, or reparented
+        _end(orphans)
+        stopped.append(f"{len(orphans)} orphaned mlflow worker(s) (pids {orphans})")
+    if state:
+        deadline = time.monotonic() + 10
+        while not port_free(state["port"]) and time.monotonic() < deadline:  # killed workers close late
+            time.sleep(0.1)
+    lay.state.unlink(missing_ok=True)
     if lay.cluster.exists() and lay.pgdata.exists():
         cluster = json.loads(lay.cluster.read_text())
         bindir = Path(cluster["bindir"]) if (Path(cluster["bindir"]) / "pg_ctl").exists() else pg_bindir()
         if _pg_running(lay, cluster["os_user"], bindir):
             _pg_ctl(lay, cluster["os_user"], bindir, "stop")
             stopped.append(f"postgresql (port {cluster['pg_port']})")
+    left = [p["pid"] for p in processes(lay.root)]
+    if left:  # the children of a killed postmaster: they hold its shared memory, which blocks a restart
+        _end(left)
+        stopped.append(f"{len(left)} orphaned postgresql process(es) (pids {left})")
     return stopped

@@ -1,6 +1,10 @@
 """Which Ray Train run a training belongs to: ``<run_name>-<fingerprint>``, where the fingerprint covers
 everything that shapes the trajectory. The same inputs resume the same run; new inputs start afresh
-instead of silently continuing a run trained on something else."""
+instead of silently continuing a run trained on something else.
+
+The schedule is part of the trajectory: the learning rate of every step follows from the total number of
+steps, so a run of ``epochs: 3`` is not the first 48 steps of a run of ``epochs: 8``. The fingerprint
+holds the total steps the run trains for (whether ``epochs`` or ``max_steps`` set it), not the keys."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from mpe.config import BaseModelConfig, TrainConfig
 from mpe.files.hashing import fingerprint
 from mpe.model.configuration import ModelConfig
 
-# Settings that do not change what a step computes: a rerun that differs only in these resumes.
+# Settings that do not change what a step computes: a rerun that differs only in these resumes. ``epochs``
+# and ``max_steps`` enter through the total steps they give (``total_steps``), which the fingerprint holds.
 RESUMABLE_TRAIN_KEYS = {
     "run_name",
     "storage_path",
@@ -36,16 +41,22 @@ def run_fingerprint(
     data_stats: dict | None,
     cache_fields: dict | None,
     start: dict | None = None,
+    steps: int | None = None,
+    model_files: dict | None = None,
 ) -> str:
-    """Hash of the model, seed, data, cache and optimiser settings, and of the weights the run starts from
-    (``start``: the champion's version and weights hash under ``train.init_from: champion``)."""
+    """Hash of the model, seed, data, cache and optimiser settings, the total ``steps`` (the schedule), the
+    content of the model folders the run reads (``model_files``: the prepared base LLM's and a pretrained
+    vision tower's sha256, not their paths) and the weights the run starts from (``start``: the champion's
+    version and weights hash under ``train.init_from: champion``)."""
     train_keys = {k: v for k, v in train.model_dump(mode="json").items() if k not in RESUMABLE_TRAIN_KEYS}
     return fingerprint(
         {
             "seed": seed,
             "model": model.model_dump(mode="json"),
             "train": train_keys,
+            "total_steps": steps,
             "base_model": base_model.model_dump(mode="json"),
+            "model_files": model_files,
             "data": data_stats,
             "cache": cache_fields,
             "start": start,

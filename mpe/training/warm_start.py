@@ -15,7 +15,7 @@ import json
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from mpe.errors import ConfigError
+from mpe.errors import ConfigError, MpeError
 from mpe.model.configuration import ModelConfig
 from mpe.model.multi_prompt_clip import CONFIG_FILE, MultiPromptCLIP
 from mpe.serving.mlflow_model import download_model_folder
@@ -29,6 +29,31 @@ FREE_TO_CHANGE = {"loss"}
 
 def scratch() -> tuple[None, dict]:
     return None, {"init_from": "scratch"}
+
+
+def _comparable(model: dict) -> dict:
+    """A model configuration as two runs of one architecture share it: a pretrained vision tower is named by
+    its path in params and by ``vision_model`` in a saved model, and either way the checkpoint's sizes
+    stand in the configuration beside it."""
+    vision = dict(model.get("vision") or {})
+    vision["pretrained"] = bool(vision.get("pretrained"))
+    return {**model, "vision": vision}
+
+
+def _unreadable(model_name: str, version: str, err: BaseException) -> ConfigError:
+    first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+    return ConfigError(
+        f"train.init_from: champion: {model_name} version {version}: its model files cannot be read "
+        f"({type(err).__name__}: {first}); restore them or set train.init_from: scratch"
+    )
+
+
+def _files_unreadable(err: BaseException) -> bool:
+    """Whether ``err`` says that a model file is missing or damaged (safetensors raises its own type)."""
+    import mlflow
+
+    known = (OSError, ValueError, MpeError, mlflow.exceptions.MlflowException)
+    return isinstance(err, known) or type(err).__name__ == "SafetensorError"
 
 
 def champion_start(
@@ -52,13 +77,16 @@ def champion_start(
             "version": None,
             "note": f"{model_name} has no @champion yet: trained from scratch",
         }
-    folder = download_model_folder(f"models:/{model_name}/{version.version}")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    want = model.model_dump(mode="json")
+    try:
+        folder = download_model_folder(f"models:/{model_name}/{version.version}")
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except Exception as err:
+        if not _files_unreadable(err):
+            raise
+        raise _unreadable(model_name, version.version, err) from None
+    want, theirs_model = _comparable(model.model_dump(mode="json")), _comparable(meta.get("model", {}))
     diff = sorted(
-        k
-        for k in set(want) | set(meta.get("model", {}))
-        if k not in FREE_TO_CHANGE and meta.get("model", {}).get(k) != want.get(k)
+        k for k in set(want) | set(theirs_model) if k not in FREE_TO_CHANGE and theirs_model.get(k) != want.get(k)
     )
     if diff:
         raise ConfigError(
@@ -71,7 +99,12 @@ def champion_start(
             f"train.init_from: champion: {model_name} version {version.version} was trained on base "
             f"model {theirs}, this run uses {base_model}; set train.init_from: scratch"
         )
-    state = trainable_state(MultiPromptCLIP.from_pretrained(folder, dtype=torch.float32))
+    try:
+        state = trainable_state(MultiPromptCLIP.from_pretrained(folder, dtype=torch.float32))
+    except Exception as err:
+        if not _files_unreadable(err):
+            raise
+        raise _unreadable(model_name, version.version, err) from None
     blob = safetensors_bytes(state)
     return blob, {
         "init_from": "champion",

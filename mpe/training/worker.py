@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -20,17 +21,41 @@ import torch
 
 from mpe.config import RayConfig, TrainConfig
 from mpe.data.train_stream import StreamSpec, TrainLoader
-from mpe.errors import ConfigError
+from mpe.errors import ConfigError, MpeError
+from mpe.files.atomic import write_json
 from mpe.model.configuration import ModelConfig
 from mpe.model.losses import Dist
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
-from mpe.runtime.precision import autocast_dtype, dtype_name
+from mpe.runtime.precision import autocast_of
 from mpe.runtime.ray_cluster import ensure_ray, torch_config
 from mpe.tracking.runs import end_run, log_metrics, start_run
 from mpe.tracking.settings import TrackingSettings
 from mpe.training.checkpoint import CheckpointCorrupt, load_trainable, newest_intact, read_checkpoint, save_checkpoint
 from mpe.training.optim import build_optimizer, build_scheduler
-from mpe.training.step import Batch, train_step
+from mpe.training.step import Batch, NonFiniteStep, train_step
+
+NON_FINITE_FILE = "non_finite.json"  # in the run folder: the step that stopped the run, by rank
+
+
+class NonFiniteLoss(MpeError):
+    """Training stopped at a step whose loss (or gradients) were not finite: the message names the step,
+    the ranks, and the samples whose embeddings were not finite."""
+
+    def __init__(self, record: dict, run_dir: Path):
+        ranks = record["ranks"]
+        where = ", ".join(f"rank {r['rank']} (loss {r['loss']})" for r in ranks if not math.isfinite(r["loss"]))
+        keys = [k for r in ranks for k in r["keys"]]
+        if keys and len(keys) < sum(r["samples"] for r in ranks):
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            why = f"sample(s) {shown} have non-finite embeddings: check their data and cache shards"
+        elif keys:
+            why = "every sample's embedding is non-finite: the weights diverged (lower train.lr)"
+        else:
+            why = "every sample's embedding is finite: the loss or the gradients overflowed (lower train.lr)"
+        super().__init__(
+            f"training stopped at step {record['step']}: the loss is not finite on {where or 'some rank'}; {why}; "
+            f"nothing was exported, and the checkpoints in {run_dir} stop before that step"
+        )
 
 
 @dataclass
@@ -50,6 +75,7 @@ class TrainJob:
     run_tags: dict
     run_name: str
     run_dir: str  # the Ray run folder (storage_path/run_name) when it is local
+    compute_dtype: str  # "bfloat16" | "float32": decided once, on the driver, the same for every rank
     init_weights: str | None = None  # trainable weights to start from (safetensors), else the seed's
 
     @property
@@ -82,13 +108,18 @@ class _RankZeroTracking:
         if not self.active:
             return
         settings = TrackingSettings(**job.tracking)
+        recorded = state.get("mlflow_run_id")
         state["mlflow_run_id"] = start_run(
             settings,
-            state.get("mlflow_run_id"),
+            recorded,
             job.run_name,
             job.logged_params,
             {"ray_run_name": job.run_name, "mpe.stage": "train", **job.run_tags},
         )
+        if recorded and state["mlflow_run_id"] != recorded:  # a new store: the steps trained so far go to it
+            for row in state["history"]:
+                if row["step"] % job.train_cfg.log_every == 0:
+                    log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if state["restored_from_step"] is not None:
             log_metrics({"restored_from_step": state["restored_from_step"]}, step=state["step"])
 
@@ -101,9 +132,9 @@ class _RankZeroTracking:
             log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         self.pending = []
 
-    def end(self) -> None:
+    def end(self, status: str = "FINISHED") -> None:
         if self.active:
-            end_run()
+            end_run(status)
 
 
 def _restore(model, optimizer, scheduler, run_dir: Path) -> dict:
@@ -166,9 +197,16 @@ def _inject_failure(tcfg: TrainConfig, step: int, rank: int, world: int, marker:
 
 def _to_batch(b: dict, model, device) -> Batch:
     pixels = model.vision.transform.normalize(b["pixels"].to(device))
+    negatives = {}
+    if "negative_ids" in b:
+        negatives = {"caption_ids": b["caption_ids"], "negative_ids": b["negative_ids"]}
+        if "negative_states" in b:
+            negatives.update(negative_states=b["negative_states"].float(), negative_lens=b["negative_lens"].tolist())
+        else:
+            negatives["negative_texts"] = b["negatives"]
     if "states" in b:
-        return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist())
-    return Batch(pixels, captions=b["captions"])
+        return Batch(pixels, states=b["states"].float(), caption_lens=b["caption_lens"].tolist(), **negatives)
+    return Batch(pixels, captions=b["captions"], **negatives)
 
 
 def _gather_data_states(loader: TrainLoader, world: int) -> tuple[dict, dict]:
@@ -186,6 +224,21 @@ def _gather_data_states(loader: TrainLoader, world: int) -> tuple[dict, dict]:
         for k, v in counts.items():
             skipped[k] = skipped.get(k, 0) + v
     return {str(r): st for r, (st, _) in enumerate(gathered)}, skipped
+
+
+def _stop_non_finite(bad: NonFiniteStep, step: int, keys: list[str], rank: int, world: int, run_dir: Path) -> None:
+    """Every rank hit the same non-finite step: rank 0 writes what each saw (local loss, the keys of its
+    samples whose embeddings are not finite) to the run folder, where the driver turns it into the error.
+    Nothing of this step is checkpointed; the run's last checkpoint is the step before it or earlier."""
+    import torch.distributed as dist
+
+    mine = {"rank": rank, "loss": bad.loss, "samples": len(keys), "keys": [keys[i] for i in bad.rows]}
+    gathered = [mine]
+    if world > 1 and dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        write_json(run_dir / NON_FINITE_FILE, {"step": step, "ranks": gathered})
 
 
 def _report(row: dict, model, optimizer, scheduler, state: dict, rank: int) -> None:
@@ -222,19 +275,23 @@ def train_loop_per_worker(config: dict) -> None:
     loader = TrainLoader(spec, resume=(state.get("data") or {}).get(str(rank)), step=state["step"])
     keys_log = Path(job.run_dir) / "sample_keys" / f"rank{rank}.jsonl" if tcfg.log_sample_keys else None
     dist = Dist(rank, world)
-    autocast = autocast_dtype(tcfg.autocast, device.type)
-    state["compute_dtype"] = dtype_name(autocast)
+    autocast = autocast_of(job.compute_dtype)  # the driver's decision: ranks never probe on their own
+    state["compute_dtype"] = job.compute_dtype
     while state["step"] < job.total_steps:
         _inject_failure(tcfg, state["step"], rank, world, Path(job.run_dir) / ".injected_failure")
         t0 = time.perf_counter()
         b = next(loader)
         waited = time.perf_counter() - t0
-        row = {
-            "step": state["step"] + 1,
-            **train_step(
+        try:
+            terms = train_step(
                 model, _to_batch(b, model, device), optimizer, scheduler, trainable, tcfg.grad_clip, dist, autocast
-            ),
-        }
+            )
+        except NonFiniteStep as bad:
+            _stop_non_finite(bad, state["step"] + 1, b["keys"], rank, world, Path(job.run_dir))
+            loader.close()
+            tracking.end("FAILED")
+            return
+        row = {"step": state["step"] + 1, **terms}
         row.update(data_wait_s=waited, step_s=time.perf_counter() - t0)
         if keys_log is not None:
             keys_log.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +317,7 @@ def fit(job: TrainJob, tcfg: TrainConfig, ray_cfg: RayConfig, storage: Path) -> 
     from ray.train.torch import TorchTrainer
 
     (storage / job.run_name).mkdir(parents=True, exist_ok=True)
+    (storage / job.run_name / NON_FINITE_FILE).unlink(missing_ok=True)  # a stop of an earlier attempt
     ensure_ray(ray_cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -276,6 +334,9 @@ def fit(job: TrainJob, tcfg: TrainConfig, ray_cfg: RayConfig, storage: Path) -> 
     result = trainer.fit()
     if result.error:
         raise result.error
+    stopped = storage / job.run_name / NON_FINITE_FILE
+    if stopped.exists():
+        raise NonFiniteLoss(json.loads(stopped.read_text()), storage / job.run_name)
     with result.checkpoint.as_directory() as d:
         weights, _, state = read_checkpoint(Path(d))
     return weights, state

@@ -45,7 +45,8 @@ def prefect_env(tmp_path_factory):
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",  # test_10 looks at it in a browser
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",  # else the page asks the default port
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     log = open(home / "server.log", "w")
@@ -113,9 +114,14 @@ OUTPUTS = ("data", "cache", "models/base", "models/trained")
 
 def _snapshot(root: Path) -> dict[str, str]:
     from mpe.files.hashing import file_sha256
+    from mpe.files.verified import RECORD  # this machine's verification record: not data, not in DVC
 
+    # the model card is written by evaluate and kept out of the model's DVC hash (.dvcignore): not an output
     return {
-        str(p.relative_to(root)): file_sha256(p) for d in OUTPUTS for p in sorted((root / d).rglob("*")) if p.is_file()
+        str(p.relative_to(root)): file_sha256(p)
+        for d in OUTPUTS
+        for p in sorted((root / d).rglob("*"))
+        if p.is_file() and p.name != RECORD and p.relative_to(root).as_posix() != "models/trained/README.md"
     }
 
 
@@ -222,6 +228,49 @@ def test_2_a_better_model_is_promoted_with_lineage(project, tracking_uri, tracki
     served = tracking_server["dir"] / "artifacts"
     assert list(served.rglob("dvc.lock")) and list(served.rglob("MLmodel"))
     snapshots["2"] = _snapshot(proj)
+    _model_card_is_written_and_logged_with_the_model(proj, client, trained, tiny_base_dir.name)
+    _search_index_is_built_and_versioned_with_the_model(proj, client)
+
+
+def _model_card_is_written_and_logged_with_the_model(proj: Path, client, trained: dict, base: str) -> None:
+    """models/trained/README.md: Hugging Face front matter whose metrics are eval.json's, beside MLmodel in the
+    registered model; and outside the train stage's DVC hash (dvc status stays clean: test_3)."""
+    import mlflow
+
+    card = (proj / "models" / "trained" / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "mpe" and meta["base_model"] == base  # a local folder: its name, not its path
+    assert meta["datasets"] == ["mpe-shapes (synthetic)"]
+    logged = {
+        m["type"]: m["value"]
+        for result in meta["model-index"][0]["results"]
+        for m in result["metrics"]
+        if result["dataset"]["type"] == "test"
+    }
+    assert logged == {k: round(v, 4) for k, v in trained.items()}
+    assert meta["model-index"][0]["name"] == "mpe-e2e"
+    assert "## Intended use" in card and "adaptive prompts" in card
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/mpe-e2e/2"))
+    assert (downloaded / "README.md").read_text() == card
+    assert (downloaded / "MLmodel").is_file()
+
+
+def _search_index_is_built_and_versioned_with_the_model(proj: Path, client) -> None:
+    from mpe.serving.image_index import model_sha256, read_meta
+
+    meta = read_meta(proj / "models" / "index")
+    assert meta["model"]["sha256"] == model_sha256(proj / "models" / "trained")
+    assert meta["model"]["source"] == "models:/mpe-e2e/2" and meta["index_key"] == "Flat"
+    uri = client.get_model_version("mpe-e2e", "2").tags["mpe.search_index"]
+    run_id = client.get_model_version("mpe-e2e", "2").run_id
+    assert uri == f"runs:/{run_id}/search_index"
+    assert {a.path for a in client.list_artifacts(run_id, "search_index")} >= {
+        "search_index/index.json",
+        "search_index/index.faiss",
+        "search_index/items.parquet",
+        "search_index/embeddings.npy",
+    }
 
 
 def test_3_a_worse_model_is_refused_and_kept_as_challenger(project, tracking_uri, tiny_base_dir):
@@ -317,7 +366,10 @@ def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
     """DVC deps are the code each stage imports: an edit to the plots or the metrics touches evaluate
     only, and the cache (persist: true) is neither recomputed nor deleted."""
     proj, _ = project
-    files = {p: p.stat().st_mtime_ns for d in ("cache", "models") for p in (proj / d).rglob("*") if p.is_file()}
+    card = proj / "models" / "trained" / "README.md"  # evaluate writes the model card: it alone may change
+    files = {
+        p: p.stat().st_mtime_ns for d in ("cache", "models") for p in (proj / d).rglob("*") if p.is_file() and p != card
+    }
     for name in ("plots.py", "tasks.py"):
         code = proj / "mpe" / "evaluation" / name
         code.write_text(code.read_text() + "\n# an edit to evaluation code alone\n")
@@ -326,6 +378,7 @@ def test_3c_editing_evaluation_code_reruns_evaluate_alone(project, prefect_env):
     for stage in ("data", "base_model", "cache", "train"):
         assert f"Stage '{stage}' didn't change, skipping" in out, out
     assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert card.stat().st_mtime_ns > max(files.values())
 
 
 def test_4_compare_tables_the_runs(project):
@@ -428,10 +481,123 @@ def test_8_a_missing_remote_object_names_the_version_path_and_remote(project, tr
     client = _registry(tracking_uri)
     md5 = client.get_model_version("mpe-e2e", "1").tags["dvc.model"].removesuffix(".dir")
     victim = next(remote.rglob(f"{md5[2:]}.dir"))
-    victim.unlink()
+    weights = next(e["md5"] for e in json.loads(victim.read_text()) if e["relpath"] == "mpe_weights.safetensors")
+    inside = remote / "files" / "md5" / weights[:2] / weights[2:]
+    kept = inside.read_bytes()
+    inside.unlink()  # one file of the model folder: named by its path in the folder and in the remote
     clone = _clone(proj, tmp_path / "broken")
+    out = _reproduce(clone, tracking_uri, "--version", "1", "--only", "model")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "version 1" in last and f"'localremote' ({remote})" in last, last
+    assert "models/trained/mpe_weights.safetensors" in last and str(inside) in last, last
+    inside.write_bytes(kept)
+    victim.unlink()
     out = _reproduce(clone, tracking_uri, "--version", "1", "--only", "model")
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "version 1" in out.stderr and "models/trained" in out.stderr and "localremote" in out.stderr
     out = _reproduce(clone, tracking_uri, "--version", "99")
     assert out.returncode == 2 and "no version 99" in out.stderr
+
+
+def _champion_reference(tracking_uri: str, proj: Path, query_count: int = 12):
+    """Independent of the index: the champion's own embeddings of every indexed image (decoded from the
+    shards here) and a test caption whose best image leads the runner-up clearly (float16 storage cannot
+    swap them). Returns (query, split/key of the best image)."""
+    import tarfile
+
+    import mlflow
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mpe.model.multi_prompt_clip import MultiPromptCLIP
+    from mpe.serving.mlflow_model import download_model_folder
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = MultiPromptCLIP.from_pretrained(download_model_folder("models:/mpe-e2e@champion")).eval()
+    keys, images, captions = [], [], []
+    for split in ("train", "test"):
+        for shard in sorted((proj / "data" / "shards" / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                for m in tar.getmembers():
+                    key, _, ext = m.name.partition(".")
+                    if ext == "jpg":
+                        keys.append(f"{split}/{key}")
+                        images.append(Image.open(tar.extractfile(m)).convert("RGB"))
+                    elif ext == "txt" and split == "test":
+                        captions.append(tar.extractfile(m).read().decode())
+    with torch.no_grad():
+        emb = model.encode_image(images).float().numpy()
+        queries = sorted(set(captions))[:query_count]
+        texts = model.encode_text(queries).float().numpy()
+    scores = texts @ emb.T
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    best = int(np.argmax(top2[:, 1] - top2[:, 0]))
+    assert top2[best, 1] - top2[best, 0] > 0.005, "no query separates its best image from the next"
+    return queries[best], keys[int(np.argmax(scores[best]))]
+
+
+def test_9_serving_the_champion_searches_its_own_index(project, tracking_uri):
+    """`mpe serve` on the champion finds the search index logged with that version (its tag), not the newer
+    one in models/index, and ranks as the champion itself does. (The page in a browser:
+    tests/integration/test_search.py.)"""
+    from tests.server_process import running
+
+    proj, _ = project
+    query, expected = _champion_reference(tracking_uri, proj)
+    serve = [str(BIN / "mpe"), "serve", "--model", "models:/mpe-e2e@champion", "--tracking-uri", tracking_uri]
+    with running(serve, proj) as client:
+        body = client.get("/search", params={"q": query, "k": 5}).json()
+        first = body["results"][0]
+        assert f"{first['split']}/{first['key']}" == expected
+        assert body["model"]["source"] == "models:/mpe-e2e/2"  # the champion's index (models/index is version 3's)
+        assert client.get(first["image"]).status_code == 200
+
+
+def test_10_the_mlflow_run_page_and_the_prefect_ui_show_the_run(project, tracking_uri, prefect_env, tmp_path):
+    """The tracking server's UI shows the champion's training run with its metrics, and the Prefect UI the
+    retrain flow's runs, in a real browser; both screenshots are the docs'."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import chromium, screenshot
+
+    client = _registry(tracking_uri)
+    run_id = client.get_model_version_by_alias("mpe-e2e", "champion").run_id
+    run = client.get_run(run_id)
+    with chromium(tmp_path / "chromium") as page:
+        wait = WebDriverWait(page, 90)
+        page.get(f"{tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
+        wait.until(lambda d: run.info.run_name in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(lambda d: "Metrics" in d.find_element(By.TAG_NAME, "body").text)
+        screenshot(page, tmp_path, "mlflow-run.png")
+        prefect = prefect_env["PREFECT_API_URL"].removesuffix("/api")
+        page.get(f"{prefect}/runs")
+        wait.until(lambda d: "retrain" in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(lambda d: "Completed" in d.find_element(By.TAG_NAME, "body").text)
+        screenshot(page, tmp_path, "prefect-ui.png")
+
+
+def test_11_dvc_exp_run_sets_a_param_and_exp_show_lists_the_metrics(project, prefect_env):
+    """`dvc exp run -S` on the pipeline as DVC users run it: only what the param touches reruns, and
+    `dvc exp show` lists the experiment with its params and the metrics of dvc.yaml."""
+    proj, _ = project
+    out = _run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch"], proj, prefect_env
+    )
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out[-3000:]
+    for stage in ("data", "base_model", "cache"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out[-3000:]
+    assert yaml.safe_load((proj / "params.yaml").read_text())["train"]["epochs"] == 1  # applied to the workspace
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], proj, prefect_env))
+    experiments = [e for node in shown for e in (node.get("experiments") or []) for e in (e.get("revs") or [e])]
+    exp = next(e for e in experiments if e.get("name") == "one-epoch")
+    params = exp["data"]["params"]["params.yaml"]["data"]
+    metrics = exp["data"]["metrics"]
+    assert params["train"]["epochs"] == 1
+    evaluation = metrics["metrics/eval.json"]["data"]["trained"]
+    assert evaluation == json.loads((proj / "metrics" / "eval.json").read_text())["trained"]
+    assert metrics["metrics/train.json"]["data"]["steps"] > 0
+    table = _run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--md"], proj, prefect_env)
+    assert "one-epoch" in table and "text_to_image_R@1" in table

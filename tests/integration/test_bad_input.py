@@ -126,3 +126,39 @@ def test_undecodable_url_lists_name_the_file_line_column_and_row(tmp_path):
     pq.write_table(table, tmp_path / "binary.parquet")
     with pytest.raises(DataError, match=r"binary.parquet: column 'TEXT', row 1: not UTF-8 text"):
         read_url_list(tmp_path / "binary.parquet", "URL", "TEXT")
+
+
+def test_repeated_urls_are_counted_and_said_and_never_split_across_train_and_test(tmp_path, capsys):
+    import yaml
+
+    from mpe.cli import main
+
+    urls = _images(tmp_path / "img", 4)
+    rows = [urls[i % 4] for i in range(40)]  # 4 distinct URLs, 36 rows repeat one
+    pd.DataFrame({"URL": rows, "TEXT": [f"caption {i}" for i in range(40)]}).to_parquet(tmp_path / "l.parquet")
+    # a fraction no hash falls below: the part's evaluation rows are those of its lowest-hash URL
+    params = {
+        "data": {**_cfg(tmp_path, tmp_path / "l.parquet").model_dump(mode="json"), "test_fraction": 1e-9},
+        "metrics_dir": str(tmp_path / "metrics"),
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(tmp_path / "params.yaml"), "data"]) == 0
+    said = capsys.readouterr().out
+    assert "l: 36 of 40 rows repeat a URL of an earlier row (4 distinct URLs" in said, said
+    rep = json.loads((tmp_path / "metrics" / "data.json").read_text())["url_list_report"]["l"]
+    assert rep["repeated_url_rows"] == 36 and rep["distinct_urls"] == 4
+    lists = {s: pd.read_parquet(tmp_path / "data" / "url_lists" / s / "l.parquet") for s in ("train", "test")}
+    assert set(lists["train"]["URL"]).isdisjoint(lists["test"]["URL"])  # no test image is trained on
+    assert (len(lists["train"]), len(lists["test"])) == (30, 10)
+
+
+def test_a_malformed_csv_and_a_caption_column_of_lists_are_named(tmp_path):
+    f = tmp_path / "list.csv"
+    f.write_text('URL,TEXT\nfile:///a.png,"an unterminated quote\nfile:///b.png,ok\n')
+    with pytest.raises(DataError, match=r"list.csv: not a readable csv file \(.*EOF inside string starting at row 1"):
+        read_url_list(f, "URL", "TEXT")
+    pd.DataFrame({"URL": ["file:///a.png", "file:///b.png"], "TEXT": [["ok"], ["a", "list"]]}).to_parquet(
+        tmp_path / "l.parquet"
+    )
+    with pytest.raises(DataError, match=r"l.parquet: column 'TEXT', row 0: a list or structure"):
+        read_url_list(tmp_path / "l.parquet", "URL", "TEXT")

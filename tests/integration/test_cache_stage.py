@@ -18,6 +18,7 @@ from mpe.config import load_params
 from mpe.data.evaluation_sets import evaluation_texts
 from mpe.data.loader import load_split
 from mpe.files import storage
+from mpe.files.verified import RECORD
 from mpe.stages.cache import run as run_cache_stage
 
 
@@ -132,7 +133,8 @@ def test_killed_cache_run_resumes_shard_by_shard(project, tmp_path):
     summary = run_cache_stage(params)
     assert summary["shards_computed"] == n - len(done)
     assert {p: p.stat().st_mtime_ns for p in done} == done  # finished shards were kept, not recomputed
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no temp file left
+    left = [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".") and p.name != RECORD]
+    assert not left  # no temp file left (the verification record is not one)
     assert len(_finished(tmp_path / "cache")) == n
 
 
@@ -158,10 +160,27 @@ def test_a_changed_data_shard_is_recomputed(project, tmp_path):
 
 
 def test_ray_data_engine_writes_the_same_shards(project, tmp_path, ray_session):
+    """...and, with hard negatives on, each data shard's negatives shard: the texts the generator draws for its
+    captions, with the trunk states a local tower computes for them."""
+    from mpe.cache.compute import load_trunk_tower, shard_negative_texts, trunk_states_of_ids
+    from mpe.cache.store import text_digest
+    from mpe.model.text.prompt_sequence import tokenize_captions
+
     root, params = project
-    ray_params = load_params(_copy_project(root, tmp_path, engine="ray"))
+    path = _copy_project(root, tmp_path, engine="ray")
+    ray_params = load_params(path, ["train.hard_negatives.enabled=true", "train.hard_negatives.per_caption=2"])
     summary = run_cache_stage(ray_params)
     assert summary["shards_computed"] == len(_train_shards(params))
+    assert summary["negative_shards_computed"] == len(_train_shards(params))
+    tower = load_trunk_tower(Path(params.base_model.out_dir), params.model.text)
+    for shard in _train_shards(params):
+        negatives = ShardReader(_active(ray_params).negatives_url(shard))
+        texts = shard_negative_texts(shard, 2, 0)
+        assert negatives.num_texts == len(texts) > 0
+        index = {bytes(negatives.text_sha256[u].tolist()): u for u in range(negatives.num_texts)}
+        ids = tokenize_captions(tower.tokenizer, texts[:3], params.model.text.max_caption_tokens)
+        for text, rows in zip(texts[:3], trunk_states_of_ids(tower, ids, None)):
+            assert torch.allclose(negatives.rows(index[text_digest(text)]), rows, rtol=2e-3, atol=2e-3)
     local, remote = _active(params), _active(ray_params)
     for shard in _train_shards(params):
         a, b = ShardReader(local.shard_url("train", shard)), ShardReader(remote.shard_url("train", shard))

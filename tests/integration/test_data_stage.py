@@ -38,6 +38,22 @@ def test_held_out_pairs_never_in_training_and_present_in_test(project):
     assert not set(train) & {s.caption for s in test}
 
 
+def test_each_image_carries_its_scene_for_the_linear_probes(project):
+    from mpe.data.shapes import parse_caption
+
+    root, _ = project
+    test, _ = load_split(root / "data" / "shards" / "test")
+    for s in test:
+        scene = parse_caption(s.caption)
+        assert (s.meta["main_size"], s.meta["main_position"], s.meta["background"]) == (
+            scene.main.size,
+            scene.position,
+            scene.background,
+        )
+        assert s.meta["relation"] == (scene.relation or "none")
+    assert (root / "data" / "benchmarks").is_dir()  # the cache stage's dependency, empty without sets
+
+
 def test_negation_pairs_differ_only_in_the_negated_object(project):
     import numpy as np
 

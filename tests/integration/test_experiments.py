@@ -22,8 +22,10 @@ SUITE = {
     "seeds": [0],
     "baseline": "llm_mean",
     "metrics": ["text_to_image_R@1", "image_to_text_R@5", "val.text_to_image_R@5"],
+    "tables": {"The world's sets": ["shapes_sugarcrepe.swap_att", "shapes_winoground.group_score"]},
+    "comparisons": [["multi_prompt_k2", "llm_mean"]],
     "common": {
-        "data": {"shapes": {"val_captions": 12, "aspect_probes": 4}},
+        "data": {"shapes": {"val_captions": 12, "aspect_probes": 4, "benchmark_items": 3}},
         "evaluate": {"splits": ["val", "test"], "compare_untrained": False},
     },
     "forms": {"quick": {"train": {"max_steps": 3, "checkpoint_every": 3}}},
@@ -70,6 +72,7 @@ def test_every_cell_is_a_child_run_of_one_parent(suite_project):
     k2 = next(r for r in children if r.data.tags["mpe.cell"] == "multi_prompt_k2").data
     assert k2.params["model.text.num_prompts"] == "2" and "eval_val.text_to_image_R_at_5" in k2.metrics
     assert "eval_analysis.aspect_colour_prompt_2" in k2.metrics and "eval_reweight.test_gain" in k2.metrics
+    assert "eval.shapes_sugarcrepe.swap_att" in k2.metrics and "eval_analysis.probe_shape" in k2.metrics
     mean = next(r for r in children if r.data.tags["mpe.cell"] == "llm_mean").data
     assert mean.params["model.text.num_prompts"] == "1" and mean.params["model.text.negation"] == "False"
 
@@ -89,6 +92,8 @@ def test_report_and_compare_come_from_mlflow(suite_project):
     assert "`mpe experiments report tiny --form quick`" in text and "commit" in text and "cores" in text
     rows = [line for line in text.splitlines() if line.startswith("| llm_mean") or line.startswith("| multi_prompt")]
     assert len(rows) == 2 and "/1)" in rows[1]  # the paired difference and its seed count
+    assert "### The world's sets" in text and "| multi_prompt_k2 − llm_mean | 1 |" in text
+    assert "What each prompt's segment alone tells apart" in text and "| shapes_sugarcrepe.swap_att |" in text
     assert (root / "docs" / "results_tiny_quick.png").stat().st_size > 0
     table = subprocess.run(
         [str(BIN / "mpe"), "compare", "--suite", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=300

@@ -10,15 +10,16 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mpe.cli import main
 from mpe.config import load_params
 from mpe.files.hashing import file_sha256
+from mpe.files.verified import RECORD
 from tests.project_config import copy_project, has_intact_checkpoint, local_cluster_dir
 
 BIN = Path(sys.executable).parent
@@ -63,18 +64,40 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
     assert stats["repaired_shards"] == {"train": [shard.name]} and file_sha256(shard) == original
 
 
+def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_model(project, tmp_path):
+    """Repairing a truncated shard restores the same data: the training run's identity (its fingerprint)
+    does not change, so the rerun resumes the finished run and writes the same model, not a new one."""
+    from mpe.stages import data
+
+    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+    data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
+    assert _mpe(params, "cache").returncode == 0
+    first = _mpe(params, "train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
+    shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    assert data.run(load_params(params))["repaired_shards"] == {"train": [shard.name]}
+    again = _mpe(params, "train")
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert after["ray_run_name"] == before["ray_run_name"]
+    assert after["restored_from_step"] == after["steps"] == 2  # the finished run, resumed: nothing retrained
+    assert {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()} == model
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp_path):
-    params = copy_project(project, tmp_path, train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2})
-    assert _mpe(params, "train").returncode == 0
+    train = {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2, "fail_at_step": 5, "max_failures": 0}
+    params = copy_project(project, tmp_path, train=train)
+    assert _mpe(params, "train").returncode == 2  # a worker fails after step 5, with no restart left
     run_dir = next((tmp_path / "ray_results").glob("mpe-default-*"))
     newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     weights = newest / "trainable.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 3)
-    p = yaml.safe_load(params.read_text())
-    p["train"]["max_steps"] = 6
-    params.write_text(yaml.safe_dump(p))
-    run = _mpe(params, "train")
+    run = _mpe(params, "train")  # the failure is injected once: this run goes through
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trainable.safetensors: does not match the sha256" in run.stdout + run.stderr
     summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
@@ -118,6 +141,69 @@ def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path
         ),
         "latin1.txt: line 1 is not UTF-8",
     )
+
+
+def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tmp_path, tiny_base_dir):
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    config = model / "mpe_config.json"
+    meta = json.loads(config.read_text())
+    meta["model"]["embed_dim"] *= 2  # valid on its own, but not the shape the weights were saved with
+    config.write_text(json.dumps(meta))
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--text-file", "t.txt", "--out", "t.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
+
+
+def test_a_damaged_or_missing_text_checkpoint_in_a_model_folder_is_one_line_naming_it(tmp_path, tiny_base_dir, capsys):
+    """transformers reads a missing folder as a hub id (and went online, ending in a traceback), and a
+    damaged tokenizer or config file as a JSONDecodeError or TypeError traceback."""
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    (tmp_path / "t.txt").write_text("a red circle\n")
+    embed = ["embed", "--model", str(model), "--text-file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "t.npy")]
+    text_dir = model / "text_model"
+    for damage, phrase in (
+        (lambda: (text_dir / "tokenizer.json").write_text("{"), "not a loadable checkpoint (JSONDecodeError"),
+        (lambda: (text_dir / "config.json").write_text("[]"), "not a loadable checkpoint (TypeError"),
+        (lambda: shutil.rmtree(text_dir), "not a transformers checkpoint folder (the folder is missing)"),
+    ):
+        shutil.copytree(text_dir, tmp_path / "kept", dirs_exist_ok=True)
+        damage()
+        capsys.readouterr()
+        assert main(embed) == 2
+        err = capsys.readouterr().err
+        assert f"{text_dir}: {phrase}" in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        shutil.rmtree(text_dir, ignore_errors=True)
+        shutil.copytree(tmp_path / "kept", text_dir)
+
+
+def test_an_image_too_elongated_to_embed_is_refused_by_name_before_it_is_decoded(tmp_path, tiny_base_dir):
+    """A 1×16,777,216 PNG (16 kB, within 4096² pixels) is resized to 32×536,870,912 before its centre is cut
+    out: `mpe embed` used to end in a MemoryError traceback; now its header refuses it, naming the file."""
+    from PIL import Image
+
+    model = tmp_path / "model"
+    assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(images / "a.png")
+    Image.new("L", (1, 4096 * 4096)).save(images / "strip.png")
+    run = subprocess.run(
+        [str(BIN / "mpe"), "embed", "--model", str(model), "--image-dir", "images", "--out", "i.npy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    _one_line_error(run, "images/strip.png is 1×16777216 pixels, too elongated", "crop it")
+    assert not (tmp_path / "i.npy").exists()
 
 
 def _immutable(folder: Path) -> bool:
@@ -168,7 +254,7 @@ def test_a_full_disk_stops_the_cache_with_its_name_and_keeps_finished_shards(pro
             _one_line_error(_mpe(params, "cache"), "no space left on the device", "finished work is kept")
         finished = [p for p in full.rglob("train/*.safetensors") if not p.name.startswith(".")]
         assert finished, "the shards written before the disk filled are kept"
-        assert not [p for p in full.rglob("*") if p.name.startswith(".") and p.is_file()]
+        assert not [p for p in full.rglob("*") if p.name.startswith(".") and p.is_file() and p.name != RECORD]
     finally:
         if mounted:
             subprocess.run(["umount", str(full)])
@@ -245,3 +331,39 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
     assert summary["steps"] == 12 and summary["restored_from_step"] >= 2
     time.sleep(2)
     assert _ray_processes(temp_dir) == []  # the orphans were stopped, and the rerun's cluster ended with it
+
+
+def test_another_ray_cluster_on_the_machine_is_left_alone_and_does_not_disturb_training(project, tmp_path):
+    """A Ray cluster someone else started on this machine (`ray start --head`): `mpe train` starts and ends
+    its own local cluster beside it, with no error or traceback, and the other cluster keeps running."""
+    from mpe.runtime.loopback import free_port
+    from tests.session_temp import _processes_naming
+
+    foreign = Path(tempfile.mkdtemp(prefix="rf-", dir=os.environ.get("MPE_TEST_TMPDIR")))  # short: socket paths
+    ray = str(BIN / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [ray, "start", "--head", "--port", str(free_port()), "--num-cpus", "1", "--include-dashboard", "false"]
+    out = subprocess.run(
+        [*start, "--temp-dir", str(foreign), "--node-ip-address", "127.0.0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        theirs = _processes_naming(foreign)
+        assert theirs
+        params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+        run = _mpe(params, "train")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Found multiple active Ray instances" not in run.stdout + run.stderr
+        assert "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+        assert json.loads((tmp_path / "metrics" / "train.json").read_text())["steps"] == 2
+        assert set(theirs) <= set(_processes_naming(foreign))  # the other cluster was not touched
+    finally:
+        for pid in _processes_naming(foreign):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

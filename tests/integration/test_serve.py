@@ -6,17 +6,11 @@ problem and the row, and the next good request still succeeds."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,9 +18,8 @@ from PIL import Image
 
 from mpe.config import ModelConfig, ServeConfig
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
-from mpe.runtime.loopback import free_port
+from tests.server_process import running as _running
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "models:/mpe-multiprompt@champion"
 MAX_BODY_MB = 2  # small, so the over-limit body stays cheap; a 1 MB caption still fits under it
 CAPTION_LIMIT = ServeConfig().max_caption_chars
@@ -40,6 +33,13 @@ def _png(color, size=32, fmt="PNG") -> bytes:
 
 
 IMAGES = [_png((200, 30, 30)), _png((20, 60, 220), size=48, fmt="JPEG")]
+
+
+def _gray_png(side: int | tuple[int, int], shade: int) -> bytes:
+    """A flat grayscale canvas: a few kB as PNG, ``side``² bytes once decoded (3× that as RGB)."""
+    buf = io.BytesIO()
+    Image.new("L", side if isinstance(side, tuple) else (side, side), shade).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _b64(data: bytes) -> str:
@@ -88,68 +88,6 @@ def registered(model_dir):
     finally:
         mlflow.set_tracking_uri(before)  # other tests' stores stay theirs
     return settings.tracking_uri
-
-
-@contextlib.contextmanager
-def _running(command: list[str], cwd: Path, env_extra: dict | None = None):
-    """``command`` (a server taking ``--port``) started on a free 127.0.0.1 port; yields an httpx client
-    once ``/ping`` answers, and stops the process however the test ends."""
-    port = free_port()
-    logfile = cwd / f"server-{port}.log"
-    # the venv's bin on PATH: mlflow models serve execs `uvicorn`
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        **(env_extra or {}),
-    }
-    with open(logfile, "w") as log:
-        # its own session: mlflow models serve runs uvicorn as a child, which must stop with it
-        proc = subprocess.Popen(
-            command + ["--port", str(port)],
-            cwd=cwd,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{command[:3]} exited with {proc.returncode}:\n{logfile.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:3]} did not answer /ping:\n{logfile.read_text()[-3000:]}")
-            time.sleep(0.3)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield client
-    finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (the server and any child); SIGKILL what is left after 15 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so that an empty group reads as gone
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +166,18 @@ BAD = {
     "wrong_top_level": ({"instances": [{"text": "a"}]}, 400, ["'dataframe_split'", "instances"]),
     "body_over_limit": (_split([["y" * (MAX_BODY_MB * 2**20 + 10), None]]), 413, [f"limit of {MAX_BODY_MB} MiB"]),
     "too_many_rows": (_split([["a", None]] * 300), 400, ["300 rows", "limit of 256"]),
+    "column_not_a_name": (_split([["a"]], columns=[{"a": 1}]), 400, ["columns must be names", "dict"]),
+    "both_table_forms": ({**_split([["a", None]]), "dataframe_records": [{"text": "b"}]}, 400, ["both", "send one"]),
+    "100k_columns": (_split([["a"] * 100_000], columns=[f"c{i}" for i in range(100_000)]), 400, ["(100000 in all)"]),
+    # 16.8 MP, yet the tower's input is cut from it resized to 32×536870912 (what made the server try 51 GB)
+    "elongated_image": (_split([[None, _b64(_gray_png((1, 4096 * 4096), 0))]]), 400, ["row 0", "too elongated"]),
+    "lone_surrogate": (_split([[TEXTS[0], None], ["a red \ud800 circle", None]]), 400, ["row 1", "lone surrogate"]),
+    # 8 × 16.8 MP (16 kB each as PNG): inside the body and row limits, over the decoded-pixel budget
+    "pixels_over_budget": (
+        _split([[None, _b64(_gray_png(4096, i))] for i in range(8)]),
+        400,
+        ["134.2 megapixels", "limit of 128", "serve.max_request_megapixels", "before row 7 fit"],
+    ),
 }
 
 
@@ -238,14 +188,45 @@ def test_bad_request_is_4xx_naming_the_problem_and_the_server_keeps_serving(serv
     r = server.post("/invocations", content=content, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     message = r.json()["message"]
+    assert len(r.content) < 2000, r.content[:300]  # an answer names the problem; it does not echo the request
     for phrase in phrases:
         assert phrase in message, (phrase, message)
     _check_good(server, reference)
 
 
+def _status_kb(pid: int, field: str) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def test_large_images_are_decoded_one_at_a_time_and_embed_as_the_models_own(model_dir, reference):
+    """Six 4096² grayscale PNGs (16 kB each, 101 MP in all: inside every limit): each is shrunk to the
+    tower's input as soon as it is decoded, so the server's peak memory grows by about one decoded picture
+    (48 MiB as RGB), not by all six (288 MiB, what holding every decoded image before embedding took).
+    A server of its own: memory an earlier request freed would hide the growth."""
+    pngs = [_gray_png(4096, 40 * i) for i in range(6)]
+    with _running([sys.executable, "-m", "mpe.cli", "serve", "--model", str(model_dir)], model_dir.parent) as client:
+        _check_good(client, reference)  # warm: the first pass allocates what every pass reuses
+        pid = client.server_pid
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
+        before = _status_kb(pid, "VmRSS")
+        r = client.post("/invocations", json=_split([[None, _b64(p)] for p in pngs]))
+        assert r.status_code == 200, r.text
+        growth_mib = (_status_kb(pid, "VmHWM") - before) / 1024
+    one_picture_mib = 4096 * 4096 * 3 / 2**20
+    assert growth_mib < 2.5 * one_picture_mib, growth_mib
+    m = MultiPromptCLIP.from_pretrained(model_dir)
+    with torch.no_grad():
+        own = m.encode_image([Image.open(io.BytesIO(p)).convert("RGB") for p in pngs[:2]]).numpy()
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"], np.float32)[:2], own, rtol=0, atol=1e-6)
+
+
 def test_wrong_content_type_is_415(server, reference):
     r = server.post("/invocations", content=b"text,image\na,\n", headers={"content-type": "text/csv"})
     assert r.status_code == 415 and "application/json" in r.json()["message"]
+    latin1 = json.dumps(_split([["a café", None]]), ensure_ascii=False).encode("latin-1")
+    r = server.post("/invocations", content=latin1, headers={"content-type": "application/json; charset=latin-1"})
+    assert r.status_code == 415 and "UTF-8" in r.json()["message"]
     _check_good(server, reference)
 
 
@@ -285,3 +266,42 @@ def test_mlflow_models_serve_answers_the_same(registered, model_dir, reference):
         r = client.post("/invocations", json=_split([["a red circle", None], [None, None]]))
         assert r.status_code == 400 and "row 1: has neither" in r.json()["message"]
         _check_good(client, reference)
+        # the limits of `mpe serve`, refused before any row is embedded (10k rows used to run on after a 504)
+        for case in ("too_many_rows", "lone_surrogate", "pixels_over_budget"):
+            body, status, phrases = BAD[case]
+            r = client.post(
+                "/invocations", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+            )
+            assert r.status_code == status and "stack_trace" not in r.json(), r.text[:2000]
+            assert all(p in r.json()["message"] for p in phrases), (phrases, r.json()["message"][-500:])
+        r = client.post("/invocations", json=_split([["a", None]] * 10_000))
+        assert r.status_code == 400 and "10000 rows, over the limit of 256" in r.json()["message"]
+        _check_good(client, reference)
+
+
+def test_the_pyfunc_answers_its_own_failure_with_500_and_keeps_the_traceback_in_its_log(registered, caplog):
+    """A failure inside the model (here its text tower gone) is the server's, not the client's: MLflow's
+    server would answer any other exception with 400 and the traceback, server paths included, in the
+    body; the pyfunc raises a 500 that names no path and logs the traceback."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registered)
+    try:
+        loaded = mlflow.pyfunc.load_model(MODEL)
+        limited = mlflow.pyfunc.load_model(MODEL, model_config={"max_rows": 2})
+    finally:
+        mlflow.set_tracking_uri(before)
+    import pandas as pd
+
+    with pytest.raises(MlflowException, match="3 rows, over the limit of 2") as refused:
+        limited.predict(pd.DataFrame({"text": ["a", "b", "c"]}))
+    assert refused.value.get_http_status_code() == 400
+    loaded.unwrap_python_model().model.text = None  # a broken model, as a bad deployment would leave it
+    with pytest.raises(MlflowException) as failed, caplog.at_level("ERROR", logger="mpe.serve"):
+        loaded.predict(pd.DataFrame({"text": ["a red circle"]}))
+    assert failed.value.get_http_status_code() == 500
+    body = json.loads(failed.value.serialize_as_json())
+    assert "stack_trace" not in body and "/" not in body["message"], body
+    assert "Traceback" in caplog.text and "NoneType" in caplog.text

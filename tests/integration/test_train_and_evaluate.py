@@ -10,7 +10,7 @@ import torch
 
 from mpe.config import load_params
 from mpe.model.multi_prompt_clip import MultiPromptCLIP
-from tests.project_config import small_params, write_params
+from tests.project_config import copy_project, small_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +113,15 @@ def test_logged_pyfunc_embeds_text_and_images_like_the_model(trained):
         pyfunc.predict(pd.DataFrame({"text": [None], "image": [None]}))
 
 
-def test_rerun_with_the_same_name_resumes(trained, tiny_base_dir):
+def test_rerun_with_the_same_inputs_resumes(trained, tiny_base_dir):
     from mpe.stages.train import run as run_train_stage
 
     root, _, _ = trained
-    data = small_params(root, tiny_base_dir, train={"max_steps": 8})
+    # what is checkpointed and logged, not what a step computes: the finished run is resumed, nothing is left
+    data = small_params(root, tiny_base_dir, train={"checkpoint_every": 3, "log_every": 2})
     summary = run_train_stage(load_params(write_params(root, data)))
-    assert summary["restored_from_step"] == 6 and summary["steps"] == 8
     assert summary["ray_run_name"] == trained[2]["ray_run_name"]
-    again = run_train_stage(load_params(write_params(root, data)))  # nothing left to train: the summary says so
-    assert again["restored_from_step"] == 8 and again["steps"] == 8
+    assert summary["restored_from_step"] == 6 and summary["steps"] == 6
 
 
 def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
@@ -130,11 +129,16 @@ def test_changed_inputs_start_a_new_run(project, tiny_base_dir):
 
     root, params = project
 
-    def fp(train):
-        return run_fingerprint(params.seed, params.model, train, params.base_model, None, None)
+    def fp(train, steps=6, model_files=None):
+        return run_fingerprint(
+            params.seed, params.model, train, params.base_model, None, None, steps=steps, model_files=model_files
+        )
 
     assert fp(params.train.model_copy(update={"lr": 1e-3})) != fp(params.train)
-    assert fp(params.train.model_copy(update={"max_steps": 99})) == fp(params.train)
+    assert fp(params.train, steps=99) != fp(params.train)  # the schedule: a new total of steps
+    assert fp(params.train, model_files={"vision": "a"}) != fp(params.train, model_files={"vision": "b"})
+    kept = {"checkpoint_every": 1, "log_every": 3, "keep_checkpoints": 5, "max_steps": 6, "epochs": 3.0}
+    assert fp(params.train.model_copy(update=kept)) == fp(params.train)  # the same steps, computed the same
 
 
 def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
@@ -176,3 +180,29 @@ def test_evaluation_matches_clip_benchmark_on_the_same_embeddings(trained):
         assert report["trained"][f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-6)
     assert 0 <= report["trained"]["negation_accuracy"] <= 1
     assert report["chance"]["text_to_image_R@1"] == pytest.approx(1 / len(test))
+
+
+def test_hard_negatives_need_their_cached_states_then_train_with_both_losses(project, tmp_path, ray_session):
+    """With train.hard_negatives on, training refuses a cache without the negatives' states (named); the cache
+    stage then adds only them (every caption shard reused), and a run trains on them, with the clip and the
+    siglip loss."""
+    from mpe.errors import StageInputError
+    from mpe.stages import cache
+    from mpe.stages.train import run as run_train_stage
+
+    path = copy_project(
+        project,
+        tmp_path,
+        train={"hard_negatives": {"enabled": True, "per_caption": 2}, "max_steps": 2, "num_workers": 2},
+    )
+    params = load_params(path)
+    with pytest.raises(StageInputError, match="hard-negatives shard"):
+        run_train_stage(params)
+    summary = cache.run(params)
+    assert summary["shards_computed"] == 0 and summary["negative_shards_computed"] == summary["data_shards"]
+    assert cache.run(params)["negative_shards_computed"] == 0  # current: kept
+    for kind in ("clip", "siglip"):
+        p = load_params(path, [f"model.loss.kind={kind}", f"train.run_name=hn-{kind}"])
+        result = run_train_stage(p)
+        history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+        assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

@@ -127,3 +127,48 @@ def test_shards_read_through_file_urls_give_the_same_batches(corpus):
         assert (
             a["keys"] == b["keys"] and torch.equal(a["states"], b["states"]) and torch.equal(a["pixels"], b["pixels"])
         )
+
+
+@pytest.fixture(scope="module")
+def negative_shards(corpus, tmp_path_factory):
+    from mpe.cache.compute import cache_negatives_shard
+
+    data, _, tower = corpus
+    root = tmp_path_factory.mktemp("negatives")
+    out = []
+    for d in data:
+        target = root / f"{Path(d).stem}.safetensors"
+        cache_negatives_shard(tower, d, str(target), 2, 0, "float16", batch_size=8)
+        out.append(str(target))
+    return tuple(out)
+
+
+def test_hard_negatives_come_with_their_cached_states_and_ids(corpus, negative_shards):
+    """Every sample brings its caption's two negatives (padded with the caption itself when fewer exist), their
+    states read from the negatives shard by text, and the ids the loss compares."""
+    from mpe.cache.store import text_digest
+    from mpe.data.hard_negatives import hard_negatives, text_id
+
+    spec = _spec(corpus, workers=0, hard_negatives=2, negative_shards=negative_shards)
+    loader = TrainLoader(spec)
+    batch = next(loader)
+    loader.close()
+    n = len(batch["captions"])
+    assert len(batch["negatives"]) == 2 * n and batch["negative_states"].shape[0] == 2 * n
+    rows, lens = {}, {}
+    for url in negative_shards:
+        r = ShardReader(url)
+        rows.update({bytes(r.text_sha256[u].tolist()): r.rows(u) for u in range(r.num_texts)})
+        lens.update({bytes(r.text_sha256[u].tolist()): int(r.caption_lens[u]) for u in range(r.num_texts)})
+    for i, caption in enumerate(batch["captions"]):
+        negs = hard_negatives(caption, 2, 0)
+        assert negs, caption  # the synthetic captions have colour and size words
+        assert batch["negatives"][2 * i : 2 * i + 2] == negs + [caption] * (2 - len(negs))
+        for j, text in enumerate(negs):
+            stored = rows[text_digest(text)]
+            got = batch["negative_states"][2 * i + j]
+            got = got[got.shape[0] - stored.shape[0] :]  # left padded
+            assert torch.equal(got.float(), stored.float())
+            assert batch["negative_lens"][2 * i + j] == lens[text_digest(text)]
+    assert batch["caption_ids"].tolist() == [text_id(c) for c in batch["captions"]]
+    assert batch["negative_ids"].tolist() == [text_id(t) for t in batch["negatives"]]

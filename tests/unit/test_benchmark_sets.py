@@ -404,3 +404,238 @@ def test_gate_names_a_benchmark_metric_and_mean_recall_ignores_benchmarks(evalua
         r"available: mean_recall, .*flickr30k.text_to_image_R@5",
     ):
         gate_score(metrics, "flickr30k.text_to_image_R@10")
+
+
+# -- compositional sets in their own formats: SugarCrepe, ARO's VG-Relation / VG-Attribution, Winoground ----
+@pytest.fixture(scope="module")
+def compositional_files(tmp_path_factory):
+    """Small copies of each format as the released sets ship: SugarCrepe's per-category JSON over a COCO-like
+    image folder (images shared between categories), ARO's two JSON lists with boxes over images/, Winoground's
+    examples.jsonl with images/<name>.png."""
+    root = tmp_path_factory.mktemp("compositional")
+    (root / "coco" / "val2017").mkdir(parents=True)
+    for i in range(5):
+        picture(i).save(root / "coco" / "val2017" / f"{i:012d}.jpg", quality=95)
+    (root / "sugarcrepe").mkdir()
+    for cat, rows in {
+        "swap_att": [
+            (0, "a red circle and a blue square", "a blue circle and a red square"),
+            (1, "x green", "y green"),
+        ],
+        "replace_obj": [(i, captions_of(i)[0], captions_of(i + 1)[0]) for i in range(5)],
+        "add_att": [(2, "a blue triangle", "a small blue triangle"), (0, "a red circle", "a red circle and a cat")],
+    }.items():
+        items = {
+            str(k): {"filename": f"{i:012d}.jpg", "caption": c, "negative_caption": n}
+            for k, (i, c, n) in enumerate(rows)
+        }
+        (root / "sugarcrepe" / f"{cat}.json").write_text(json.dumps(items))
+    (root / "aro" / "images").mkdir(parents=True)
+    for i in range(4):
+        picture(i + 1).save(root / "aro" / "images" / f"{2300 + i}.jpg", quality=95)
+    relation = [
+        {
+            "image_path": f"{2300 + i % 4}.jpg",
+            "bbox_x": i,
+            "bbox_y": 2,
+            "bbox_w": 30 - i,
+            "bbox_h": 25,
+            "relation_name": ["on", "under", "holding"][i % 3],
+            "true_caption": f"the {c} is on the {s}",
+            "false_caption": f"the {s} is on the {c}",
+        }
+        for i, (c, s) in enumerate(zip(COLOURS, ["table", "mat", "cup", "box", "rug", "bed", "shelf"]))
+    ]
+    (root / "aro" / "visual_genome_relation.json").write_text(json.dumps(relation))
+    attribution = [
+        {
+            "image_path": f"{2300 + i % 4}.jpg",
+            "bbox_x": 0,
+            "bbox_y": 0,
+            "bbox_w": 40,
+            "bbox_h": 30 + i,
+            "attributes": [a, b],
+            "true_caption": f"the {a} shirt and the {b} door",
+            "false_caption": f"the {b} shirt and the {a} door",
+        }
+        for i, (a, b) in enumerate([("red", "white")] * 3 + [("green", "open")] * 2 + [("blue", "wooden")])
+    ]
+    (root / "aro" / "visual_genome_attribution.json").write_text(json.dumps(attribution))
+    (root / "wino" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(4):
+        picture(2 * i).save(root / "wino" / "images" / f"ex_{i}_img_0.png")
+        picture(2 * i + 1).save(root / "wino" / "images" / f"ex_{i}_img_1.png")
+        c0, c1 = captions_of(2 * i)[0], captions_of(2 * i + 1)[0]
+        lines.append(
+            json.dumps(
+                {
+                    "id": i,
+                    "caption_0": c0,
+                    "caption_1": c1,
+                    "tag": "Object",
+                    "image_0": f"ex_{i}_img_0",
+                    "image_1": f"ex_{i}_img_1",
+                    "secondary_tag": "",
+                    "num_main_preds": 1,
+                    "collapsed_tag": "Object",
+                }
+            )
+        )
+    (root / "wino" / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def compositional_bench(root):
+    return EvalConfig(
+        benchmarks=[
+            {
+                "name": "sc",
+                "kind": "sugarcrepe",
+                "path": str(root / "sugarcrepe"),
+                "image_root": str(root / "coco" / "val2017"),
+            },
+            {
+                "name": "vgr",
+                "kind": "aro_vg_relation",
+                "path": str(root / "aro" / "visual_genome_relation.json"),
+                "exclude_groups": ["holding"],
+            },
+            {
+                "name": "vga",
+                "kind": "aro_vg_attribution",
+                "path": str(root / "aro" / "visual_genome_attribution.json"),
+                "min_group_count": 2,
+            },
+            {"name": "wino", "kind": "winoground", "path": str(root / "wino" / "examples.jsonl")},
+        ]
+    ).benchmarks
+
+
+@pytest.fixture(scope="module")
+def compositional_evaluated(compositional_files, model):
+    sets = read_benchmarks(compositional_bench(compositional_files))
+    return benchmark_metrics(model, sets, TextEmbedder(model, None, batch_size=4), (1,), batch_size=3)
+
+
+def prefers(model, image, caption, negative) -> bool:
+    v = one_image(model, image)
+    return float(v @ one_text(model, caption)) > float(v @ one_text(model, negative))
+
+
+def test_sugarcrepe_accuracy_per_category_matches_brute_force(compositional_files, model, compositional_evaluated):
+    flat, details = compositional_evaluated
+    per_cat = {}
+    for file in sorted((compositional_files / "sugarcrepe").glob("*.json")):
+        items = json.loads(file.read_text())
+        right = [
+            prefers(
+                model,
+                Image.open(compositional_files / "coco" / "val2017" / it["filename"]).convert("RGB"),
+                it["caption"],
+                it["negative_caption"],
+            )
+            for it in items.values()
+        ]
+        per_cat[file.stem] = sum(right) / len(right)
+        assert flat[f"sc.{file.stem}"] == pytest.approx(per_cat[file.stem], abs=1e-6), file.stem
+    assert flat["sc.macro_accuracy"] == pytest.approx(sum(per_cat.values()) / 3, abs=1e-6)
+    assert details["sc"]["n_pairs"] == 9
+    # each prompt's segment alone, for the multi-prompt model (3 prompts)
+    k = model.num_pieces
+    for file in sorted((compositional_files / "sugarcrepe").glob("*.json")):
+        for p in range(k):
+            right = []
+            for it in json.loads(file.read_text()).values():
+                im = Image.open(compositional_files / "coco" / "val2017" / it["filename"]).convert("RGB")
+                seg = lambda e, p=p: F.normalize(e.view(k, -1)[p], dim=0)  # noqa: E731
+                v = seg(one_image(model, im))
+                right.append(
+                    float(v @ seg(one_text(model, it["caption"])))
+                    > float(v @ seg(one_text(model, it["negative_caption"])))
+                )
+            assert details["sc"]["analysis"][f"{file.stem}_prompt_{p + 1}"] == pytest.approx(sum(right) / len(right))
+
+
+def test_aro_accuracy_and_macro_accuracy_match_brute_force_with_boxes(
+    compositional_files, model, compositional_evaluated
+):
+    flat, details = compositional_evaluated
+    for name, file, group, keep in (
+        ("vgr", "visual_genome_relation.json", lambda it: it["relation_name"], lambda g, n: g != "holding"),
+        ("vga", "visual_genome_attribution.json", lambda it: "_".join(it["attributes"]), lambda g, n: n >= 2),
+    ):
+        items = json.loads((compositional_files / "aro" / file).read_text())
+        by_group = {}
+        for it in items:
+            im = Image.open(compositional_files / "aro" / "images" / it["image_path"]).convert("RGB")
+            box = (it["bbox_x"], it["bbox_y"], it["bbox_x"] + it["bbox_w"], it["bbox_y"] + it["bbox_h"])
+            by_group.setdefault(group(it), []).append(
+                prefers(model, im.crop(box), it["true_caption"], it["false_caption"])
+            )
+        everything = [r for rs in by_group.values() for r in rs]
+        kept = [sum(rs) / len(rs) for g, rs in by_group.items() if keep(g, len(rs))]
+        assert flat[f"{name}.accuracy"] == pytest.approx(sum(everything) / len(everything), abs=1e-6)
+        assert flat[f"{name}.macro_accuracy"] == pytest.approx(sum(kept) / len(kept), abs=1e-6)
+        assert details[name]["n_groups"] == len(kept)
+    assert details["vgr"]["n_groups"] == 2 and details["vga"]["n_groups"] == 2  # 'holding' and 'blue_wooden' left out
+
+
+def test_winoground_text_image_and_group_scores_match_brute_force(compositional_files, model, compositional_evaluated):
+    flat, details = compositional_evaluated
+    text = image = group = 0
+    lines = (compositional_files / "wino" / "examples.jsonl").read_text().splitlines()
+    for line in lines:
+        ex = json.loads(line)
+        ims = [
+            one_image(
+                model, Image.open(compositional_files / "wino" / "images" / f"{ex[f'image_{i}']}.png").convert("RGB")
+            )
+            for i in (0, 1)
+        ]
+        caps = [one_text(model, ex[f"caption_{c}"]) for c in (0, 1)]
+        s = {(c, i): float(caps[c] @ ims[i]) for c in (0, 1) for i in (0, 1)}
+        t = s[0, 0] > s[1, 0] and s[1, 1] > s[0, 1]
+        im = s[0, 0] > s[0, 1] and s[1, 1] > s[1, 0]
+        text, image, group = text + t, image + im, group + (t and im)
+    n = len(lines)
+    assert flat["wino.text_score"] == pytest.approx(text / n)
+    assert flat["wino.image_score"] == pytest.approx(image / n)
+    assert flat["wino.group_score"] == pytest.approx(group / n)
+    assert details["wino"]["n_groups"] == 4
+
+
+def test_compositional_formats_name_the_file_and_row_of_bad_input(compositional_files, tmp_path):
+    sc = {
+        "name": "sc",
+        "kind": "sugarcrepe",
+        "path": str(tmp_path / "sc"),
+        "image_root": str(compositional_files / "coco" / "val2017"),
+    }
+    (tmp_path / "sc").mkdir()
+    with pytest.raises(DataError, match=r"sc: no \*.json category file"):
+        read_benchmarks(EvalConfig(benchmarks=[sc]).benchmarks)
+    (tmp_path / "sc" / "swap_att.json").write_text(json.dumps({"7": {"filename": "000000000000.jpg", "caption": "a"}}))
+    with pytest.raises(DataError, match=r"swap_att.json: item '7': missing or empty \['negative_caption'\]"):
+        read_benchmarks(EvalConfig(benchmarks=[sc]).benchmarks)
+    (tmp_path / "sc" / "swap_att.json").write_text(
+        json.dumps({"0": {"filename": "nope.jpg", "caption": "a", "negative_caption": "b"}})
+    )
+    with pytest.raises(DataError, match=r"swap_att.json: item '0' \(.*nope.jpg\): image file not found"):
+        read_benchmarks(EvalConfig(benchmarks=[sc]).benchmarks)
+    items = json.loads((compositional_files / "aro" / "visual_genome_relation.json").read_text())
+    del items[2]["relation_name"]
+    (tmp_path / "images").symlink_to(compositional_files / "aro" / "images")
+    (tmp_path / "vgr.json").write_text(json.dumps(items))
+    with pytest.raises(DataError, match=r"vgr.json: item 2: missing key 'relation_name'"):
+        read_benchmarks(
+            EvalConfig(
+                benchmarks=[{"name": "v", "kind": "aro_vg_relation", "path": str(tmp_path / "vgr.json")}]
+            ).benchmarks
+        )
+    lines = (compositional_files / "wino" / "examples.jsonl").read_text().splitlines()
+    (tmp_path / "w.jsonl").write_text("\n".join([lines[0], lines[1].replace("ex_1_img_1", "ex_9_img_1")]))
+    (tmp_path / "w-images").symlink_to(compositional_files / "wino" / "images")
+    w = {"name": "w", "kind": "winoground", "path": str(tmp_path / "w.jsonl"), "image_root": str(tmp_path / "w-images")}
+    with pytest.raises(DataError, match=r"w.jsonl: line 2 \(.*ex_9_img_1.png\): image file not found"):
+        read_benchmarks(EvalConfig(benchmarks=[w]).benchmarks)

@@ -22,6 +22,12 @@ def test_shipped_params_load():
         ("base_model:\n  name: 3\n", "base_model.name"),
         ("model:\n  loss:\n    kind: triplet\n", "model.loss.kind"),
         ("train:\n  storage_path: s3://bucket/ray_results\n", "train.storage_path"),  # a shared folder, not a URL
+        ("train:\n  epochs: .inf\n", "train.epochs"),  # trained for ever
+        ("train:\n  lr: .nan\n", "train.lr"),  # NaN weights from step 1
+        ("model:\n  loss:\n    lambda_div: .inf\n", "model.loss.lambda_div"),
+        ("ray:\n  num_cpus: 0\n", "ray.num_cpus"),
+        ("train:\n  num_workers: 3\n", "train.num_workers (3) needs a CPU each"),  # Ray Train waited for ever
+        ("metrics_dir: ''\n", "metrics_dir"),
     ],
 )
 def test_errors_name_the_key(tmp_path, text, key):

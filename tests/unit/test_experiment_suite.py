@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from mpe.errors import ConfigError
-from mpe.evaluation.experiments.report import CellResult, table_rows
+from mpe.evaluation.experiments.report import CellResult, _prompt_matrix, comparison_rows, table_rows
 from mpe.evaluation.experiments.suite import expand, implications, load_suite
 from mpe.evaluation.reweight import score_of, search
 from mpe.model.multi_prompt_clip import segment_similarity
@@ -79,6 +79,38 @@ def test_paired_table_equals_a_brute_force_computation():
         statistics.stdev(diffs)
     )
     assert (e["agree"], e["paired"]) == (2, 3) and "diff" not in rows["base"]["m"]
+
+
+def test_comparison_of_two_cells_is_the_per_seed_difference_and_its_sign_agreement():
+    a = CellResult("a", {0: {"m": 0.5, "n": 0.1}, 1: {"m": 0.7}, 2: {"m": 0.4, "n": 0.3}})
+    b = CellResult("b", {0: {"m": 0.4, "n": 0.2}, 1: {"m": 0.6}, 3: {"m": 0.9}})  # seed 3 has no pair
+    (row,) = comparison_rows({"a": a, "b": b}, [("a", "b")], ["m", "n"])
+    diffs = [0.5 - 0.4, 0.7 - 0.6]
+    assert row["cell"] == "a − b" and row["seeds"] == 2
+    assert row["m"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert row["m"]["std"] == pytest.approx(statistics.stdev(diffs))
+    assert (row["m"]["agree"], row["m"]["n"]) == (2, 2)
+    assert row["n"]["mean"] == pytest.approx(-0.1) and (row["n"]["agree"], row["n"]["n"]) == (1, 1)
+    assert comparison_rows({"a": a}, [("a", "b")], ["m"]) == []  # a cell not run yet: no row
+
+
+def test_prompt_matrix_lays_out_each_prompts_accuracy_per_aspect_and_category():
+    seeds = {
+        s: {
+            "analysis.aspect_shape_full": 0.6 + s / 10,
+            "analysis.aspect_shape_prompt_1": 0.9,
+            "analysis.aspect_shape_prompt_2": 0.5 + s / 10,
+            "shapes_sugarcrepe.swap_att": 0.7,
+            "analysis.shapes_sugarcrepe.swap_att_prompt_1": 0.6,
+            "analysis.shapes_sugarcrepe.swap_att_prompt_2": 0.8,
+        }
+        for s in (0, 2)
+    }
+    lines = _prompt_matrix(CellResult("c", seeds))
+    assert lines[0].startswith("| aspect / category | full | prompt 1 | prompt 2 |")
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert rows["aspect shape"] == "| aspect shape | 0.700 | 0.900 | 0.600 | 0.300 |"
+    assert rows["shapes_sugarcrepe.swap_att"] == "| shapes_sugarcrepe.swap_att | 0.700 | 0.600 | 0.800 | 0.200 |"
 
 
 def test_weight_search_finds_the_informative_segment():

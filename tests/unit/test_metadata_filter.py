@@ -1,6 +1,8 @@
 """LAION metadata filters and URL lists in parts: counts against a row-by-row reference, errors naming
 the part file and the column, and a train/test assignment that does not depend on other rows."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -86,3 +88,37 @@ def test_a_rows_split_does_not_depend_on_other_rows():
     assert list(with_more[:200]) == list(alone) and 5 < alone.sum() < 40
     tiny = pd.Series(["http://127.0.0.1/x.jpg", "http://127.0.0.1/y.jpg"])
     assert evaluation_rows(tiny, 1e-9).sum() == 1  # every part of two rows or more adds to the evaluation set
+
+
+def test_test_parts_pin_the_test_split_as_parts_are_added(tmp_path):
+    """By default every new part adds its hash-chosen rows to the test split; with ``data.test_parts`` the
+    split is those parts' rows alone, the same before and after a part is added, and a part it names that
+    does not exist is an error naming the key."""
+    lists = tmp_path / "laion"
+    lists.mkdir()
+    _laion(60, 0).to_parquet(lists / "part-00000.parquet")
+    _laion(60, 1).to_parquet(lists / "part-00001.parquet")
+    grown = DataConfig(source="url_list", url_list=str(lists), out_dir=str(tmp_path / "a"), test_fraction=0.2)
+    pinned = grown.model_copy(update={"out_dir": str(tmp_path / "b"), "test_parts": ["part-00000.parquet"]})
+
+    def test_urls(cfg) -> set[str]:
+        parts, _ = split_url_list(cfg, Path(cfg.out_dir))
+        return {u for p in parts.values() if "test" in p for u in pd.read_parquet(p["test"])["URL"]}
+
+    def train_urls(cfg) -> set[str]:
+        parts, _ = split_url_list(cfg, Path(cfg.out_dir))
+        return {u for p in parts.values() if "train" in p for u in pd.read_parquet(p["train"])["URL"]}
+
+    first = _laion(60, 0)["URL"]
+    reference = set(first[evaluation_rows(first, 0.2)])  # the documented rule, applied to the pinned part alone
+    before_grown, before_pinned = test_urls(grown), test_urls(pinned)
+    assert before_pinned == reference and before_grown > before_pinned
+    _laion(60, 2).to_parquet(lists / "part-00002.parquet")  # a new part arrives
+    assert test_urls(grown) > before_grown  # the default test split grew
+    assert test_urls(pinned) == before_pinned  # the pinned one did not
+    every = {u for seed in (0, 1, 2) for u in _laion(60, seed)["URL"]}
+    assert train_urls(pinned) == every - before_pinned  # rows of the other parts all train
+    with pytest.raises(DataError, match=r"data.test_parts: no part named part-00009 in .*part-00000"):
+        split_url_list(pinned.model_copy(update={"test_parts": ["part-00009"]}), tmp_path / "c")
+    with pytest.raises(ValueError, match="test_parts"):
+        DataConfig(test_parts=["part-00000"])  # the shapes world has no parts

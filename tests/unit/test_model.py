@@ -131,3 +131,25 @@ def test_only_apt_rows_of_the_embedding_train(tokenizer):
     rows = emb.grad.abs().sum(1).nonzero().flatten().tolist()
     apt = m.text.tokenizer.convert_tokens_to_ids(["<APT-1>", "<APT-2>", "<APT-3>"])
     assert sorted(rows) == sorted(apt)
+
+
+def test_a_conv_stem_keeps_the_token_grid_and_round_trips(tokenizer, tmp_path):
+    """model.vision.stem: conv gives the patch embedding's token grid (patch maps still 4×4 at 32 px / 8), its
+    own weights (three stride-2 convolutions and a 1×1 for patch 8), and saves and loads like the rest."""
+    from mpe.model.vision.stem import ConvStem
+
+    cfg = ModelConfig(embed_dim=48, text={"num_prompts": 3}, vision={**TINY_VISION, "stem": "conv"})
+    m = tiny_model(tokenizer)
+    m = MultiPromptCLIP(cfg, m.text, VisionTower(cfg.vision, cfg.embed_dim)).eval()
+    stem = m.vision.vit.get_input_embeddings()
+    assert isinstance(stem, ConvStem) and sum(isinstance(x, torch.nn.Conv2d) for x in stem.convs) == 4
+    with torch.no_grad():
+        grid = m.vision.patch_states(m.pixel_values(images(2)))
+        v0 = m.encode_image(images(2))
+    assert grid.shape[:2] == (2, 16)
+    m.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        v1 = MultiPromptCLIP.from_pretrained(tmp_path / "m").encode_image(images(2))
+    assert (v0 - v1).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="power-of-two"):
+        ModelConfig(vision={**TINY_VISION, "stem": "conv", "patch_size": 6, "image_size": 36})

@@ -1,6 +1,7 @@
-"""What a benchmark reader returns: a retrieval set, a classification set or a multiple-choice set, over
-images that are decoded only when embedded (a Karpathy test split is thousands of full-size photos).
-Each image keeps the file and row it came from, so a file that does not open is named with its row."""
+"""What a benchmark reader returns: a retrieval set, a classification set, a multiple-choice set, a set of
+caption / negative-caption pairs or a Winoground set, over images that are decoded only when embedded (a
+Karpathy test split is thousands of full-size photos). Each image keeps the file and row it came from, so a
+file that does not open is named with its row."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from mpe.errors import DataError
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image: a file (``path``) or bytes read from an archive (``data``); ``where`` names its row."""
+    """One image: a file (``path``) or bytes read from an archive (``data``); ``where`` names its row; ``box``
+    (left, top, right, bottom) crops it when loaded (ARO's bounding boxes)."""
 
     where: str
     path: Path | None = None
     data: bytes | None = None
+    box: tuple[float, float, float, float] | None = None
 
     def _source(self):
         return self.path if self.data is None else io.BytesIO(self.data)
@@ -39,9 +42,10 @@ class ImageRef:
         """The decoded RGB image (a truncated file fails here, named)."""
         try:
             with Image.open(self._source()) as im:
-                return im.convert("RGB")
+                image = im.convert("RGB")
         except (OSError, SyntaxError, ValueError) as err:
             raise DataError(f"{self.where}: image does not open: {err}") from None
+        return image if self.box is None else image.crop(self.box)
 
 
 class Images(Sequence):
@@ -95,6 +99,30 @@ class ChoiceSet:
     choices: list[list[str]]
     answers: list[int]
     groups: list[str | None]
+
+
+@dataclass
+class CaptionPairSet:
+    """Per item an image, its caption and a negative caption: is the caption scored higher (SugarCrepe, ARO)?
+    ``groups`` holds each item's category (SugarCrepe's file, ARO's relation or attribute pair). With
+    ``per_group`` each group's accuracy is a metric (SugarCrepe); otherwise the accuracy and the macro accuracy
+    over the groups with at least ``min_group_count`` items and not in ``exclude_groups`` (ARO)."""
+
+    images: list[ImageRef]
+    captions: list[str]
+    negatives: list[str]
+    groups: list[str]
+    per_group: bool = True
+    min_group_count: int = 0
+    exclude_groups: tuple[str, ...] = ()
+
+
+@dataclass
+class WinogroundSet:
+    """Groups of two images and two captions, caption ``i`` belonging to image ``i`` (Winoground)."""
+
+    images: list[tuple[ImageRef, ImageRef]]
+    captions: list[tuple[str, str]]
 
 
 def require(path: Path, layout: str, folder: bool = False) -> Path:

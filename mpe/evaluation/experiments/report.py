@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpe.records import flat_name, from_mlflow, short_name
+from mpe.tracking.runs import check_store
 from mpe.tracking.settings import TrackingSettings
 
 # the sections of a run's metrics a suite's report reads (mpe.records.SECTIONS)
@@ -30,6 +31,7 @@ def collect(settings: TrackingSettings, suite: str, form: str) -> dict[str, Cell
     """The finished runs of ``suite``/``form`` in the tracking store, by cell and seed (latest run wins)."""
     import mlflow
 
+    check_store(settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     exp = mlflow.get_experiment_by_name(settings.experiment)
     if exp is None:
@@ -86,6 +88,46 @@ def table_rows(cells: dict[str, CellResult], order: list[str], baseline: str, me
             row[m] = entry
         rows.append(row)
     return rows
+
+
+def comparison_rows(cells: dict[str, CellResult], pairs: list[tuple[str, str]], metrics: list[str]) -> list[dict]:
+    """Per pair (a, b) and metric: the per-seed differences a - b (seeds both have), their mean ± std and how many
+    seeds agree with the mean's sign."""
+    rows = []
+    for a, b in pairs:
+        if a not in cells or b not in cells:
+            continue
+        row = {"cell": f"{a} − {b}", "seeds": len(set(cells[a].by_seed) & set(cells[b].by_seed))}
+        for m in metrics:
+            va, vb = cells[a].values(m), cells[b].values(m)
+            diffs = [va[s] - vb[s] for s in va if s in vb]
+            if not diffs:
+                row[m] = {"n": 0}
+                continue
+            mean, std = _mean_std(diffs)
+            sign = 1 if mean > 0 else -1 if mean < 0 else 0
+            row[m] = {
+                "mean": mean,
+                "std": std,
+                "n": len(diffs),
+                "agree": sum(1 for d in diffs if sign and d * sign > 0),
+            }
+        rows.append(row)
+    return rows
+
+
+def _diff_text(e: dict) -> str:
+    if not e or e["n"] == 0:
+        return "–"
+    return f"{e['mean']:+.3f} ± {e['std']:.3f} ({e['agree']}/{e['n']})"
+
+
+def comparison_markdown(rows: list[dict], metrics: list[str]) -> str:
+    head = "| a − b | seeds | " + " | ".join(short_name(m) for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (len(metrics) + 2)]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['seeds']} | " + " | ".join(_diff_text(r.get(m)) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell_text(e: dict) -> str:
@@ -161,6 +203,49 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def _prompt_matrix(res: CellResult) -> list[str]:
+    """What each prompt's segment alone tells apart, per aspect (rows) and prompt (columns), mean over seeds,
+    with the whole embedding beside it and the spread between the best and the worst prompt: a prompt that
+    specialises is far above the others on its aspect."""
+    keys = {k for m in res.by_seed.values() for k in m}
+    rows: dict[str, dict[str, str]] = {}
+    for k in sorted(keys):
+        if not k.startswith("analysis."):
+            continue
+        name = k[len("analysis.") :]
+        if name.startswith("aspect_"):
+            stem, _, who = name[len("aspect_") :].rpartition("_")
+            if who == "full":
+                rows.setdefault(f"aspect {stem}", {})["full"] = k
+            elif stem.endswith("_prompt"):
+                rows.setdefault(f"aspect {stem[: -len('_prompt')]}", {})[f"prompt_{who}"] = k
+        elif "_prompt_" in name and "." in name:  # <benchmark>.<category>_prompt_<i>
+            stem, _, i = name.rpartition("_prompt_")
+            rows.setdefault(stem, {})[f"prompt_{i}"] = k
+    prompts = sorted({w for r in rows.values() for w in r if w.startswith("prompt_")}, key=lambda w: int(w[7:]))
+    if len(prompts) < 2:
+        return []
+    lines = [
+        "| aspect / category | full | " + " | ".join(p.replace("_", " ") for p in prompts) + " | best − worst prompt |",
+        "|" + "---|" * (len(prompts) + 3),
+    ]
+    for name, who in rows.items():
+        if not all(p in who for p in prompts):
+            continue
+        means = {p: _mean_std(list(res.values(who[p]).values()))[0] for p in prompts}
+        full = (
+            f"{_mean_std(list(res.values(who['full']).values()))[0]:.3f}"
+            if "full" in who
+            else f"{_mean_std(list(res.values(name).values()))[0]:.3f}"
+            if res.values(name)
+            else "–"
+        )
+        spread = max(means.values()) - min(means.values())
+        cells_txt = " | ".join(f"{means[p]:.3f}" for p in prompts)
+        lines.append(f"| {name} | {full} | {cells_txt} | {spread:.3f} |")
+    return lines
+
+
 def _analysis_rows(cells: dict[str, CellResult], names: list[str]) -> list[str]:
     """Per-prompt numbers of the analysed cells, averaged over seeds."""
     lines = []
@@ -171,7 +256,11 @@ def _analysis_rows(cells: dict[str, CellResult], names: list[str]) -> list[str]:
         keys = sorted({k for m in res.by_seed.values() for k in m if k.startswith(("analysis.", "reweight."))})
         if not keys:
             continue
-        lines += [f"\n**{cell}** (mean over {len(res.by_seed)} seeds)\n", "| quantity | value |", "|---|---|"]
+        lines += [f"\n**{cell}** (mean over {len(res.by_seed)} seeds)\n"]
+        matrix = _prompt_matrix(res)
+        if matrix:
+            lines += ["What each prompt's segment alone tells apart:", "", *matrix, ""]
+        lines += ["| quantity | value |", "|---|---|"]
         for k in keys:
             mean, std = _mean_std(list(res.values(k).values()))
             lines.append(f"| {k} | {mean:.3f} ± {std:.3f} |")
@@ -198,6 +287,18 @@ def results_markdown(
         "",
         markdown(rows, suite.metrics),
     ]
+    for title, metrics in suite.tables.items():
+        out += [f"### {title}", "", markdown(table_rows(cells, list(suite.cells), suite.baseline, metrics), metrics)]
+    if suite.comparisons:
+        shown = list(dict.fromkeys([*suite.metrics, *(m for ms in suite.tables.values() for m in ms)]))
+        out += [
+            "### Paired differences",
+            "",
+            "Per seed the difference a − b, then mean ± std over seeds, and in parentheses how many seeds agree "
+            "with the mean's sign.",
+            "",
+            comparison_markdown(comparison_rows(cells, list(suite.comparisons), shown), shown),
+        ]
     if plot_name:
         out += [f"![results]({plot_name})", ""]
     if suite.analyse:
@@ -251,8 +352,8 @@ def write_suite_report(name: str, form: str, out: Path, project: Path = Path("."
     png = out.with_name(f"results_{suite.name}_{form}.png")
     rows = table_rows(cells, list(suite.cells), suite.baseline, suite.metrics)
     plot(
-        rows,
-        [m for m in suite.metrics if "R@5" in m][:4] or suite.metrics[:2],
+        rows if not suite.plot else table_rows(cells, list(suite.cells), suite.baseline, suite.plot),
+        suite.plot or [m for m in suite.metrics if "R@5" in m][:4] or suite.metrics[:2],
         png,
         f"{suite.name} ({form}): mean ± std over seeds",
     )

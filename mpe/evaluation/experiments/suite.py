@@ -36,6 +36,11 @@ class SuiteConfig(StrictConfig):
     seeds: list[int] = Field(min_length=1)
     baseline: str
     metrics: list[str] = Field(min_length=1)
+    tables: dict[str, list[str]] = Field({}, description="more tables after the main one: title -> metrics")
+    comparisons: list[tuple[str, str]] = Field(
+        [], description="pairs of cells (a, b) whose per-seed differences a - b the report tabulates"
+    )
+    plot: list[str] = Field([], description="the metrics the plot shows (default: the main table's R@5 columns)")
     common: dict[str, Any] = {}
     forms: dict[str, dict[str, Any]] = {"quick": {}}
     cells: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -43,7 +48,7 @@ class SuiteConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SuiteConfig:
-        for name in [self.baseline, *self.analyse]:
+        for name in [self.baseline, *self.analyse, *(c for pair in self.comparisons for c in pair)]:
             if name not in self.cells:
                 raise ValueError(f"'{name}' is not a cell (cells: {', '.join(self.cells)})")
         return self

@@ -17,6 +17,10 @@ def load_lm(path: str | Path, attn_implementation: str = "sdpa", dtype=torch.flo
     """Load ``(lm, tokenizer)`` from a checkpoint folder, in ``dtype`` for compute."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
+    if not (path / "config.json").is_file():  # else transformers takes the path for a hub id and goes online
+        missing = "the folder is missing" if not path.is_dir() else "it holds no config.json"
+        raise LMFolderError(f"{path}: not a transformers checkpoint folder ({missing}); prepare or download it again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         lm = AutoModelForCausalLM.from_pretrained(
@@ -27,6 +31,11 @@ def load_lm(path: str | Path, attn_implementation: str = "sdpa", dtype=torch.flo
             raise LMFolderError(
                 f"{path}: the checkpoint's weights are unreadable (truncated or corrupt: {err}); "
                 "prepare or download it again"
+            ) from None
+        if isinstance(err, (OSError, ValueError, TypeError, KeyError)):  # a damaged config or tokenizer file
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+            raise LMFolderError(
+                f"{path}: not a loadable checkpoint ({type(err).__name__}: {first[:200]}); prepare or download it again"
             ) from None
         raise
     lm.eval()

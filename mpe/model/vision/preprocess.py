@@ -44,16 +44,20 @@ class ImageTransform:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """The size a ``w`` x ``h`` image is resized to before the centre crop (a long thin picture stays long:
+        its resized size is what decoding it costs, not ``size``²)."""
+        if self.short_side is None:
+            return self.size, self.size
+        if w <= h:
+            return self.short_side, int(self.short_side * h / w)
+        return int(self.short_side * w / h), self.short_side
+
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """One PIL image to ``(3, size, size)`` uint8."""
         img = image.convert("RGB")
         w, h = img.size
-        if self.short_side is None:
-            target = (self.size, self.size)
-        elif w <= h:
-            target = (self.short_side, int(self.short_side * h / w))
-        else:
-            target = (int(self.short_side * w / h), self.short_side)
+        target = self.resized_size(w, h)
         if target != (w, h):
             img = img.resize(target, Image.Resampling(self.resample))
         nw, nh = target

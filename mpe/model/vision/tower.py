@@ -41,6 +41,10 @@ class VisionTower(nn.Module):
             from transformers import SiglipVisionModel
 
             self.vit = SiglipVisionModel(siglip_config(cfg))
+            if cfg.stem == "conv":
+                from mpe.model.vision.stem import ConvStem
+
+                self.vit.set_input_embeddings(ConvStem(cfg.patch_size, cfg.hidden_size))
             self.transform = ImageTransform.own(cfg.image_size)
         self.proj = nn.Linear(self.vit.config.hidden_size, embed_dim)
         self.frozen = cfg.freeze
