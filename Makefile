@@ -36,6 +36,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip uninstall -q -y dataclasses || true
 	touch $(STAMP)
 
+# The test suite also runs img2dataset's pyspark distributor: pyspark (450 MB) is installed for it alone.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt pyspark
+	touch $(TEST_STAMP)
+
 # Debian's Chromium and ChromeDriver for the browser tests (tests/browser.py), from the distribution's
 # packages; nothing is downloaded from a browser vendor. Once per machine (sudo when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -46,7 +52,7 @@ browser:
 
 # ruff (lint, import order, format) and the site's strict build first: a minute saved when the tree does
 # not pass them.
-test: $(STAMP) browser
+test: $(TEST_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
@@ -66,7 +72,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"
 
 # The whole default pipeline: the Prefect retrain flow (DVC stages, push, MLflow registration).

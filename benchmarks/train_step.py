@@ -118,11 +118,11 @@ def main() -> None:
     peak = load_peak()
     torch.set_num_threads(args.threads)
     params, model, batch = _setup(Path(args.project).resolve())
-    share = args.threads / peak["threads"]  # the peak was measured on every core
+    share = args.threads / peak.threads  # the peak was measured on every core
     rows = {}
     for name, autocast in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
         r = measure(params, model, batch, autocast, args.steps)
-        p = (peak["bf16_flops"] if autocast else peak["fp32_flops"]) * share
+        p = (peak.flops["bfloat16"] if autocast else peak.flops["float32"]) * share
         r["fraction_of_peak"] = r["flops"] / r["seconds"] / p
         rows[name] = r
     reduce_s = allreduce_seconds(rows["fp32"]["trainable"])

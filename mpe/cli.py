@@ -163,6 +163,48 @@ def cmd_compare(args) -> None:
     print(write_comparison(tracking_settings(params.mlflow), Path(args.out), args.last), end="")
 
 
+def cmd_plan(args) -> None:
+    params = _params(args, required=False)
+    from mpe.planning.cluster import load_cluster
+    from mpe.planning.plan import SUMMARY_HEADER, build_plans, render, summary_row
+    from mpe.runtime.peak import measure_peak, read_peak
+
+    clusters = [load_cluster(c) for c in args.cluster]
+    peak = None
+    if any(c.accelerator.peak_tflops == "measured" for c in clusters):
+        from mpe.records import PEAK, metrics_file
+
+        peak_file = Path(args.peak or metrics_file(params.metrics_dir, PEAK))
+        peak = read_peak(peak_file) if peak_file.exists() else None
+        if peak is None:
+            print("measuring this machine's peak (mpe.runtime.peak) ...", file=sys.stderr, flush=True)
+            peak = measure_peak(seconds=1.0)
+        print(
+            f"peak of this machine ({peak_file if peak_file.exists() else 'measured now'}): "
+            + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peak.flops.items()),
+            flush=True,
+        )
+    plans = build_plans(
+        params,
+        clusters,
+        args.cache_dtype,
+        samples=int(args.samples) if args.samples else None,
+        caption_tokens=args.caption_tokens,
+        image_bytes=args.image_bytes,
+        model_config=args.model_config,
+        measured_peak=peak.flops if peak else None,
+    )
+    for plan in plans:
+        print(render(plan))
+    if len(plans) > 1:
+        print(SUMMARY_HEADER)
+        print("\n".join(summary_row(p) for p in plans))
+    if args.json:
+        from mpe.files.atomic import write_json
+
+        write_json(Path(args.json), [p.to_json() for p in plans])
+
+
 def cmd_reproduce(args) -> None:
     if not args.version and not args.alias:
         raise ConfigError("mpe reproduce: name the version (--version N) or the alias (--alias champion)")
@@ -480,6 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="metrics/compare.md", help="the markdown file written")
     cmp_.add_argument("--suite", help="an experiment suite's cells (mean ± std over seeds, from MLflow)")
     cmp_.add_argument("--form", default="quick", help="the suite's budget (with --suite)")
+    plan = command("plan", cmd_plan, "predict every stage's data, FLOPs, time and accelerator-hours on a cluster")
+    plan.add_argument(
+        "--cluster", action="append", required=True, metavar="FILE", help="a cluster description (repeatable)"
+    )
+    plan.add_argument(
+        "--cache-dtype",
+        action="append",
+        choices=["float16", "bfloat16", "float32", "float8_e4m3_row", "float8_e4m3_tensor"],
+        help="plan with this cache storage dtype (repeatable; default params cache.dtype)",
+    )
+    plan.add_argument("--samples", type=_positive(float), help="state the training samples (scales measured figures)")
+    plan.add_argument("--caption-tokens", type=_positive(float), help="state the mean tokens per caption")
+    plan.add_argument("--image-bytes", type=_positive(float), help="state the bytes per sample in the shards")
+    plan.add_argument("--model-config", help="the LLM's config.json (or its folder) instead of the params' base model")
+    plan.add_argument("--peak", help="a peak.json (benchmarks/peak.py) for a 'measured' cluster (default: measure)")
+    plan.add_argument("--json", help="also write the plans as JSON here")
     rp = command("reproduce", cmd_reproduce, "restore a registered version's lock, params and outputs (dvc pull)")
     rp.add_argument("--model", help="registered model name (default: params register.model_name)")
     which = rp.add_mutually_exclusive_group()

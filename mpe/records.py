@@ -23,6 +23,7 @@ TRAIN_HISTORY = "train_history.json"  # stage train: one row per step (loss, tim
 EVAL = "eval.json"  # stage evaluate: the evaluation report
 REGISTER = "register.json"  # stage register: version, alias, the gate's reason
 REWEIGHT = "reweight.json"  # mpe reweight: the chosen aspect weights and their test gain
+PEAK = "peak.json"  # benchmarks/peak.py: this machine's measured peak, which `mpe plan` reads
 
 
 def metrics_file(metrics_dir: str | Path, name: str) -> Path:

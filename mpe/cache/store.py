@@ -158,6 +158,32 @@ def decode(stored: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
 
 
 # -- writing -------------------------------------------------------------------------------------
+def tensor_specs(dtype: StorageDtype, hidden: int, rows: int, texts: int, samples: int) -> list[tuple]:
+    """``(name, safetensors dtype, shape, bytes)`` of every tensor of a cache shard holding ``texts`` unique
+    captions of ``rows`` rows in all for ``samples`` samples, in file order: what :class:`ShardWriter` writes
+    and what the planner predicts (the JSON header, with the sample keys, comes on top)."""
+    specs = [("states", dtype.st, [rows, hidden], rows * hidden * dtype.itemsize)]
+    if dtype.scaling:
+        n = rows if dtype.scaling == "row" else 1
+        specs.append(("row_scales", "F32", [n], 4 * n))
+    specs += [
+        ("row_offsets", "I64", [texts + 1], 8 * (texts + 1)),
+        ("caption_lens", "I32", [texts], 4 * texts),
+        ("text_sha256", "U8", [texts, SHA_BYTES], SHA_BYTES * texts),
+        ("sample_text", "I32", [samples], 4 * samples),
+        ("rows_crc32", "I64", [texts], 8 * texts),  # a CRC-32 of each caption's stored rows
+    ]
+    return specs
+
+
+def tensor_bytes(dtype: StorageDtype, hidden: int, rows: int, texts: int, samples: int, shards: int = 1) -> int:
+    """Bytes of the tensors of ``shards`` cache shards holding ``rows``, ``texts`` and ``samples`` in all
+    (every term is linear in them, but for one index entry and one float8 tensor scale per shard)."""
+    one = sum(nbytes for *_, nbytes in tensor_specs(dtype, hidden, rows, texts, samples))
+    per_shard = 8 + (4 if dtype.scaling == "tensor" else 0)  # row_offsets' leading 0; a tensor scale
+    return one + (shards - 1) * per_shard
+
+
 class ShardWriter:
     """Writes one cache shard to a local file: the header (sizes known from the caption lengths), each
     caption's rows at its own offset, in any order, then the index. Memory: one batch of rows."""
@@ -184,20 +210,7 @@ class ShardWriter:
             "sample_text": torch.tensor(sample_text, dtype=torch.int32),
         }
         self.rows_crc = [0] * len(caption_lens)
-        specs = [("states", dtype.st, [self.total_rows, hidden], self.total_rows * hidden * dtype.itemsize)]
-        if dtype.scaling:
-            n = self.total_rows if dtype.scaling == "row" else 1
-            specs.append(("row_scales", "F32", [n], 4 * n))
-        for name, t in self.small.items():
-            specs.append(
-                (
-                    name,
-                    {torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}[t.dtype],
-                    list(t.shape),
-                    t.numel() * t.element_size(),
-                )
-            )
-        specs.append(("rows_crc32", "I64", [len(caption_lens)], 8 * len(caption_lens)))
+        specs = tensor_specs(dtype, hidden, self.total_rows, len(caption_lens), len(sample_text))
         header, offset = {}, 0
         for name, st, shape, nbytes in specs:
             header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + nbytes]}

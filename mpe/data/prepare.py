@@ -13,13 +13,14 @@ import json
 import os
 import random
 import shutil
+import sys
 from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from mpe.config import DataConfig
+from mpe.config import DataConfig, RayConfig
 from mpe.data.canonical_shards import canonicalize_folder
 from mpe.data.compositional_sets import write_compositional_sets
 from mpe.data.evaluation_sets import ASPECTS_FILE, BENCHMARKS_DIR, NEGATION_FILE, ZERO_SHOT_FILE
@@ -213,10 +214,27 @@ def split_url_list(cfg: DataConfig, out: Path) -> tuple[dict[str, dict[str, Path
     return lists, report
 
 
-def download_split(url_list: Path, out: Path, cfg: DataConfig, extra_columns: list[str]) -> dict:
-    """img2dataset over one URL list into webdataset shards in ``out``; returns the summed stats."""
+def download_split(
+    url_list: Path, out: Path, cfg: DataConfig, extra_columns: list[str], ray: RayConfig | None = None
+) -> dict:
+    """img2dataset over one URL list into webdataset shards in ``out``; returns the summed stats.
+
+    With ``data.distributor: ray`` every shard is one Ray task on the cluster of ``ray`` (``ray.address``,
+    or a local one on 127.0.0.1), which img2dataset's distributor finds already connected: each task reads
+    its rows from ``out/_tmp`` and writes its shard into ``out``, so every node must see ``out`` at the same
+    path. A task whose node dies is run again from the start of its shard (Ray's task retries).
+    """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
+
+    if cfg.distributor == "ray":
+        from mpe.runtime.ray_cluster import ensure_ray
+
+        ensure_ray(ray or RayConfig())
+    elif cfg.distributor == "pyspark":
+        # img2dataset starts a local Spark session (local[processes]) when none is active; its Python workers
+        # run PYSPARK_PYTHON, by default the first python3 on PATH, which need not have img2dataset
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
     out.mkdir(parents=True, exist_ok=True)
     download(
@@ -321,7 +339,9 @@ def _part_files(folder: Path, part: str) -> list[Path]:
     ]
 
 
-def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: DataConfig) -> str:
+def download_part(
+    part: str, url_list: Path, folder: Path, staging: Path, cfg: DataConfig, ray: RayConfig | None = None
+) -> str:
     """One part of one split: kept when its marker ``<part>.fingerprint`` records these inputs and the
     shards' bytes are those it records, else downloaded by img2dataset into ``staging`` (incremental: a
     killed run resumes there) and moved into ``folder`` as ``<part>-<shard>``. Returns "kept" or
@@ -349,7 +369,7 @@ def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: D
         shutil.rmtree(staging)  # a download of other inputs: never mix
     staging.mkdir(parents=True, exist_ok=True)
     write_text(stage_marker, fp)
-    download_split(url_list, staging, cfg, ["id"])
+    download_split(url_list, staging, cfg, ["id"], ray)
     for f in sorted(staging.iterdir()):
         if f.is_file() and f.suffix in (".tar", ".parquet", ".json"):
             os.replace(f, folder / f"{part}-{f.name}")
@@ -363,7 +383,7 @@ def download_part(part: str, url_list: Path, folder: Path, staging: Path, cfg: D
     return "downloaded"
 
 
-def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dict]:
+def _download_url_list(cfg: DataConfig, out: Path, ray: RayConfig | None) -> tuple[list[str], dict, dict]:
     """Every part of a URL list into ``shards/<split>``, parts already there kept; returns the splits,
     the list report and what happened to each part."""
     lists, report = split_url_list(cfg, out)
@@ -379,7 +399,7 @@ def _download_url_list(cfg: DataConfig, out: Path) -> tuple[list[str], dict, dic
                 shutil.rmtree(f) if f.is_dir() else f.unlink()
         for part, by_split in lists.items():
             if split in by_split:
-                what = download_part(part, by_split[split], folder, out / "downloads" / split / part, cfg)
+                what = download_part(part, by_split[split], folder, out / "downloads" / split / part, cfg, ray)
                 parts.setdefault(part, {})[split] = what
     shutil.rmtree(out / "downloads", ignore_errors=True)
     _no_evaluation_sets(out)  # a URL list brings no negation, zero-shot or aspect sets of its own
@@ -393,7 +413,9 @@ def _no_evaluation_sets(out: Path) -> None:
     (out / BENCHMARKS_DIR).mkdir()
 
 
-def _download_shapes(cfg: DataConfig, seed: int, out: Path, previous: dict, repaired: dict) -> list[str]:
+def _download_shapes(
+    cfg: DataConfig, seed: int, out: Path, previous: dict, repaired: dict, ray: RayConfig | None
+) -> list[str]:
     """The shapes world's splits, each one img2dataset folder resumed in place."""
     lists = write_shapes_world(cfg, seed, out)
     for split, url_list in lists.items():
@@ -408,12 +430,13 @@ def _download_shapes(cfg: DataConfig, seed: int, out: Path, previous: dict, repa
                 repaired[split] = bad
         folder.mkdir(parents=True, exist_ok=True)
         write_text(marker, fp)
-        download_split(url_list, folder, cfg, EXTRA_COLUMNS)
+        download_split(url_list, folder, cfg, EXTRA_COLUMNS, ray)
     return list(lists)
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> dict:
-    """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats.
+def prepare_data(cfg: DataConfig, seed: int, ray: RayConfig | None = None) -> dict:
+    """Run the data stage; returns (and writes to ``<out>/stats.json``) the per-split stats. ``ray``: the
+    cluster img2dataset's Ray distributor runs on (``data.distributor: ray``).
 
     ``stats.json`` is removed first and written last: while it is missing, later stages refuse the data,
     so a failed run never leaves a mix of old and new splits in use. Shards whose bytes differ from the
@@ -425,7 +448,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
     (out / STATS_FILE).unlink(missing_ok=True)
     stats = {"source": cfg.source, "url_list_report": {}, "parts": {}, "splits": {}, "repaired_shards": {}}
     if cfg.source == "shapes":
-        splits = _download_shapes(cfg, seed, out, previous, stats["repaired_shards"])
+        splits = _download_shapes(cfg, seed, out, previous, stats["repaired_shards"], ray)
         if cfg.video.zero_shot_test:  # the moving-shapes test clips, for the image model's zero-shot video retrieval
             splits += write_video_world(cfg, seed, out, {"video_test": "test"})
     elif cfg.is_video:
@@ -435,7 +458,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> dict:
             splits = write_video_collection(cfg, out)
         _no_evaluation_sets(out)
     else:
-        splits, stats["url_list_report"], stats["parts"] = _download_url_list(cfg, out)
+        splits, stats["url_list_report"], stats["parts"] = _download_url_list(cfg, out, ray)
     stats["modality"] = "video" if cfg.is_video else "image"
     for stale in (out / "shards").glob("*"):
         if stale.is_dir() and stale.name not in splits:

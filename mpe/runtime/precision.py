@@ -21,20 +21,38 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @functools.cache
-def cpu_bf16_speedup(m: int = 1024, k: int = 576, n: int = 1536, reps: int = 5) -> float:
-    """How many times faster a bf16 matmul runs than fp32 on this CPU (best of ``reps``)."""
+def cpu_bf16_speedup(m: int = 1024, k: int = 576, n: int = 1536, reps: int = 5, hopeless: float = 5.0) -> float:
+    """How many times faster a bf16 matmul runs than fp32 on this CPU (best of ``reps`` after a warm-up).
 
-    def best(dtype):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
+    A CPU without bf16 units emulates it ~100× slower than fp32: once a bf16 call is ``hopeless``× slower
+    than fp32's best (4× that for the warm-up call), more calls could not bring it near the threshold, and
+    the probe stops there (on such a CPU the full probe takes seconds, in every stage that asks)."""
+    a32, b32 = torch.randn(m, k), torch.randn(k, n)
+    fp32 = _best(lambda: a32 @ b32, reps)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    t = time.perf_counter()
+    a16 @ b16  # warm-up: kernel set-up costs milliseconds, an emulated bf16 ~100× fp32's time
+    first = time.perf_counter() - t
+    if first > 4 * hopeless * fp32:
+        return fp32 / first
+    bf16 = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a16 @ b16
+        bf16 = min(bf16, time.perf_counter() - t)
+        if bf16 > hopeless * fp32:
+            break
+    return fp32 / bf16
 
-    return best(torch.float32) / best(torch.bfloat16)
+
+def _best(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def autocast_dtype(mode: str, device: str, min_speedup: float = 1.3) -> torch.dtype | None:

@@ -35,7 +35,7 @@ from mpe.files import storage
 from mpe.files.atomic import write_json
 from mpe.files.verified import RECORD
 from mpe.records import CACHE, metrics_file
-from mpe.runtime.precision import autocast_dtype, dtype_name
+from mpe.runtime.precision import autocast_dtype, cpu_bf16_speedup, dtype_name
 
 
 def _announce(est: dict, dtype: str, warn_gb: float) -> None:
@@ -133,6 +133,8 @@ def run(params: Params) -> dict:
         "folder": folder.url,
         "key": folder.key,
         "compute_dtype": folder.fields["compute_dtype"],
+        # what decided it: bf16's speed over fp32's, measured here (None where not measured: CUDA, a fixed mode)
+        "bf16_speedup_measured": round(cpu_bf16_speedup(), 3) if cfg.autocast == "auto" and where == "cpu" else None,
         "storage_dtype": cfg.dtype,
         "data_shards": len(data_shards),
         "shards_computed": len(jobs),

@@ -10,6 +10,6 @@ from mpe.records import DATA, metrics_file
 
 
 def run(params: Params) -> dict:
-    stats = prepare_data(params.data, params.seed)
+    stats = prepare_data(params.data, params.seed, params.ray)
     write_json(metrics_file(params.metrics_dir, DATA), stats)
     return stats
