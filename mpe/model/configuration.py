@@ -239,7 +239,9 @@ class VideoConfig(StrictConfig):
     weights), or a small ``transformer`` over them with frame position embeddings and a residual (seqTransf)."""
 
     num_frames: int = Field(8, ge=1, description="frames sampled uniformly per clip (12 is MSR-VTT's standard)")
-    pooling: Literal["mean", "transformer"] = "mean"
+    pooling: Literal["mean", "transformer"] = Field(
+        "mean", description="mean of the frame embeddings (meanP), or a temporal transformer over them (seqTransf)"
+    )
     layers: int = Field(2, ge=1, description="transformer pooling: encoder layers")
     heads: int = Field(4, ge=1, description="transformer pooling: attention heads (embed_dim must divide by it)")
 
