@@ -86,7 +86,9 @@ class VideoShapesConfig(StrictConfig):
     train_captions: int = Field(
         240, ge=1, description="unique training captions, each rendered clips_per_caption times"
     )
-    clips_per_caption: int = Field(2, ge=1, description="clips rendered of each training caption, each its own random draw")
+    clips_per_caption: int = Field(
+        2, ge=1, description="clips rendered of each training caption, each its own random draw"
+    )
     test_pairs: int = Field(16, ge=1, description="test clips come in pairs: a clip and its frames in reverse order")
     frames: int = Field(15, ge=2, description="frames rendered per clip")
     fps: int = Field(8, ge=1, description="frames per second of the written mp4 files")
