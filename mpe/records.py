@@ -9,8 +9,10 @@ file breaks the one place that defines it, and a unit test round-trips every rec
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+from mpe.errors import StageInputError
 
 # The files every stage writes in the metrics folder (params ``metrics_dir``).
 SOURCES = "sources.json"  # stage sources: the URL list parts and their hashes
@@ -61,14 +63,21 @@ class TrainingSummary:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> TrainingSummary:
+    def from_json(cls, data: dict, source: str | Path = TRAIN) -> TrainingSummary:
         known = {f.name for f in fields(cls)}
+        missing = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+        ]
+        if missing:
+            raise StageInputError(
+                f"{source}: lacks {', '.join(missing)} (not written by this mpe's train stage); rerun `mpe train`"
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def read(cls, metrics_dir: str | Path) -> TrainingSummary | None:
         data = read_metrics(metrics_dir, TRAIN)
-        return None if data is None else cls.from_json(data)
+        return None if data is None else cls.from_json(data, metrics_file(metrics_dir, TRAIN))
 
 
 def training_run_id(metrics_dir: str | Path) -> str | None:

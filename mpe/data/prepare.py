@@ -153,8 +153,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
     write_json(out / ZERO_SHOT_FILE, zero_shot_prompts())
     write_json(out / ASPECTS_FILE, aspects)
     write_json(out / "held_out_pairs.json", sorted(plan.held_out), indent=None)
-    shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)
-    (out / BENCHMARKS_DIR).mkdir()  # always there (empty without sets): a dependency of the cache stage
+    _reset_benchmarks(out)
     if s.benchmark_items:
         write_compositional_sets(
             out / BENCHMARKS_DIR,
@@ -166,6 +165,7 @@ def write_shapes_world(cfg: DataConfig, seed: int, out: Path) -> dict[str, Path]
             lambda i: seed + 8_000_000 + i,
             s.object_scale,
         )
+    _list_benchmarks(out)
     return lists
 
 
@@ -406,11 +406,23 @@ def _download_url_list(cfg: DataConfig, out: Path, ray: RayConfig | None) -> tup
     return ["train", "test"], report, parts
 
 
+def _reset_benchmarks(out: Path) -> None:
+    shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)
+    (out / BENCHMARKS_DIR).mkdir()
+
+
+def _list_benchmarks(out: Path) -> None:
+    """The world's compositional sets folder is a dependency of the cache stage, so it always holds a file:
+    DVC keeps no empty folder (a checkout, an experiment or a copy would lose it and the stage would fail)."""
+    folder = out / BENCHMARKS_DIR
+    write_json(folder / "sets.json", sorted(p.name for p in folder.iterdir() if p.is_dir()))
+
+
 def _no_evaluation_sets(out: Path) -> None:
     for name, empty in ((NEGATION_FILE, []), (ZERO_SHOT_FILE, {}), (ASPECTS_FILE, [])):
         write_json(out / name, empty)
-    shutil.rmtree(out / BENCHMARKS_DIR, ignore_errors=True)  # nor compositional sets
-    (out / BENCHMARKS_DIR).mkdir()
+    _reset_benchmarks(out)  # nor compositional sets
+    _list_benchmarks(out)
 
 
 def _download_shapes(

@@ -1,7 +1,7 @@
 """Which files' content has been verified, and in what state, so that checking a large corpus (data and
 cache shards) or hashing a large model folder at every stage start reads only what changed.
 
-A folder's record ``.mpe-verified.json`` maps a file name to the digest it was verified to hold and the
+A folder's record ``.mpe-verified`` maps a file name to the digest it was verified to hold and the
 file's stat signature at that moment: size, mtime, ctime and inode (on an object store: size, ETag and
 modification time). Any write to a file or its replacement changes the signature (ctime cannot be set back
 from user space), so a file whose signature is unchanged is not read again and any other one is.
@@ -19,7 +19,8 @@ import os
 
 from mpe.files import storage
 
-RECORD = ".mpe-verified.json"
+# no ``.json`` suffix: img2dataset reads every ``*.json`` of its output folder as a shard's stats
+RECORD = ".mpe-verified"
 _REMOTE_KEYS = ("size", "ETag", "etag", "LastModified", "last_modified", "mtime", "generation", "md5Hash")
 
 

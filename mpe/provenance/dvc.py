@@ -159,18 +159,18 @@ def pull(project: Path, targets: list[str] = (), remote: str | None = None, log:
 
 
 def remote_of(project: Path, name: str | None = None) -> tuple[str | None, str | None]:
-    """The DVC remote ``name`` (or the project's default) and its URL, as ``dvc remote list`` shows them."""
-    out = subprocess.run(
-        [sys.executable, "-m", "dvc", "remote", "list"], cwd=project, capture_output=True, text=True, env=_quiet_env()
-    )
-    remotes = {}
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            remotes[parts[0]] = (parts[1], "(default)" in line)
-    if name is None:
-        name = next((n for n, (_, default) in remotes.items() if default), None)
-    return name, remotes.get(name, (None, False))[0] if name else None
+    """The DVC remote ``name`` (or the project's default) and its URL, from the project's DVC config (every
+    level of it, as DVC itself resolves them)."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(project)) as repo:
+            config = repo.config
+            name = name or config["core"].get("remote")
+            url = (config["remote"].get(name) or {}).get("url") if name else None
+    except Exception:  # not a DVC project, or a config DVC cannot read: nothing to name
+        return name, None
+    return name, url
 
 
 def changed_outputs(project: Path, targets: list[str] = ()) -> list[str]:

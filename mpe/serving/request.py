@@ -199,7 +199,8 @@ def decode_rows(df: pd.DataFrame, limits: ServeConfig, transform: ImageTransform
         try:
             given = [c for c, v in zip(COLUMNS, (t, im, vid)) if not _absent(v)]
             if len(given) > 1:
-                raise DataError(f"row {i}: has {' and '.join(map(repr, given))}; send one per row")
+                named = ", ".join(map(repr, given[:-1])) + f" and {given[-1]!r}"
+                raise DataError(f"row {i}: has {'both ' if len(given) == 2 else ''}{named}; send one per row")
             if not given:
                 raise DataError(f"row {i}: has neither a 'text' string nor an 'image' or 'video' (base64)")
             if given[0] == "text":

@@ -125,15 +125,12 @@ def _snapshot(root: Path) -> dict[str, str]:
     }
 
 
-def _flow_run_state(flow_run_id: str) -> str:
-    import anyio
-    from prefect.client.orchestration import get_client
+def _flow_run_state(api_url: str, flow_run_id: str) -> str:
+    """The flow run's state, asked of the test's Prefect server over its REST API (an in-process Prefect client
+    keeps the settings of the first test that imported Prefect in this worker, whatever PREFECT_API_URL is now)."""
+    import httpx
 
-    async def read():
-        async with get_client() as client:
-            return (await client.read_flow_run(flow_run_id)).state.type.value
-
-    return anyio.run(read)
+    return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).raise_for_status().json()["state"]["type"]
 
 
 def _registry(uri: str):
@@ -163,10 +160,11 @@ def test_1_nightly_deployment_exists_with_cron_and_a_run_from_it_completes(
     )
     deadline = time.monotonic() + 600
     while (
-        _flow_run_state(run_id) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.monotonic() < deadline
+        _flow_run_state(env["PREFECT_API_URL"], run_id) not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        and time.monotonic() < deadline
     ):
         time.sleep(2)
-    assert _flow_run_state(run_id) == "COMPLETED"
+    assert _flow_run_state(env["PREFECT_API_URL"], run_id) == "COMPLETED"
     for out_dir in ("data", "models/base", "cache", "models/trained", "plots"):
         assert (proj / out_dir).exists(), out_dir
     reg = json.loads((proj / "metrics" / "register.json").read_text())

@@ -55,6 +55,7 @@ def _params(project, tiny_base_dir, tmp_path, benchmarks):
 
 
 def test_benchmark_metrics_reach_eval_json_and_mlflow(project, tiny_base_dir, tmp_path):
+    from mpe.records import TrainingSummary
     from mpe.stages.evaluate import run as run_evaluate_stage
     from mpe.tracking.runs import use
     from mpe.tracking.settings import tracking_settings
@@ -66,7 +67,10 @@ def test_benchmark_metrics_reach_eval_json_and_mlflow(project, tiny_base_dir, tm
     with mlflow.start_run() as run:
         pass
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id}))
+    summary = TrainingSummary(
+        steps=0, total_steps=0, train_samples=0, ray_run_name="none", mlflow_run_id=run.info.run_id
+    )
+    (tmp_path / "metrics" / "train.json").write_text(json.dumps(summary.to_json()))
 
     report = run_evaluate_stage(params)
     saved = json.loads((tmp_path / "metrics" / "eval.json").read_text())

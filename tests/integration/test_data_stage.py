@@ -52,7 +52,10 @@ def test_each_image_carries_its_scene_for_the_linear_probes(project):
             scene.background,
         )
         assert s.meta["relation"] == (scene.relation or "none")
-    assert (root / "data" / "benchmarks").is_dir()  # the cache stage's dependency, empty without sets
+    # the cache stage's dependency: never an empty folder (DVC keeps none), its sets listed
+    assert json.loads((root / "data" / "benchmarks" / "sets.json").read_text()) == sorted(
+        p.name for p in (root / "data" / "benchmarks").iterdir() if p.is_dir()
+    )
 
 
 def test_negation_pairs_differ_only_in_the_negated_object(project):

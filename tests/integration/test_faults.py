@@ -272,7 +272,7 @@ def test_a_failed_url_list_run_never_leaves_a_mix_in_use(project, tmp_path):
     data = tmp_path / "data"
     assert (data / "shards" / "negation").exists()
     urls = tmp_path / "list.parquet"
-    pd.DataFrame({"URL": ["/no/scheme.png"] * 8, "TEXT": ["a caption"] * 8}).to_parquet(urls)
+    pd.DataFrame({"URL": [f"/no/scheme-{i}.png" for i in range(8)], "TEXT": ["a caption"] * 8}).to_parquet(urls)
     cfg = DataConfig(source="url_list", url_list=str(urls), out_dir=str(data), image_size=32)
     with pytest.raises(DataError):
         prepare_data(cfg, 0)

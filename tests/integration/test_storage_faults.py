@@ -117,6 +117,7 @@ def test_outputs_dvc_could_not_cache_stop_the_run_instead_of_being_registered_un
     from tests.e2e.project import make_project, pipeline_params
 
     proj, _ = make_project(tmp_path / "proj", pipeline_params(tiny_base_dir))
+    repro_stage("sources", proj, log=lambda line: None)  # base_model's deps: the base LLM's hash
     with _tmpfs(proj / ".dvc" / "cache", "size=1m"):
         with pytest.raises(DvcError) as err:
             repro_stage("base_model", proj, log=lambda line: None)

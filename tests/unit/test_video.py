@@ -328,7 +328,7 @@ def test_a_served_video_row_is_embedded_like_encode_video_and_a_bad_one_is_named
     with pytest.raises(DataError, match=r"row 0: 'video' \(200 bytes\)"):
         embed_rows(m, bad)
     both = pd.DataFrame({"text": ["x"], "video": [base64.b64encode(mp4).decode()]})
-    with pytest.raises(DataError, match="row 0: has 'text' and 'video'"):
+    with pytest.raises(DataError, match="row 0: has both 'text' and 'video'"):
         embed_rows(m, both)
 
 
