@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -145,3 +147,27 @@ def replace_weights_in_place(folder: Path, seed: int) -> None:
             for k, v in state.items()
         }
         save_file(other, str(f), metadata={"format": "pt"})
+
+
+def run_mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
+    """``mpe --params <params> <args>`` run in the params file's folder, as a user runs it."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "mpe"), "--params", str(params), *args],
+        cwd=params.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(run: subprocess.CompletedProcess, *needles: str, single_line: bool = False) -> str:
+    """The command failed as a user error (exit 2, no traceback) whose message holds every needle; with
+    ``single_line``, exactly one line of its stderr is mpe's message. Returns the stderr."""
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    if single_line:
+        lines = [line for line in run.stderr.splitlines() if line.startswith("mpe ")]
+        assert len(lines) == 1, run.stderr[-3000:]
+    for n in needles:
+        assert n in run.stderr, (n, run.stderr[-3000:])
+    return run.stderr

@@ -20,26 +20,9 @@ from mpe.cli import main
 from mpe.config import load_params
 from mpe.files.hashing import file_sha256
 from mpe.files.verified import RECORD
-from tests.project_config import copy_project, has_intact_checkpoint, local_cluster_dir
+from tests.project_config import assert_one_line_error, copy_project, has_intact_checkpoint, local_cluster_dir, run_mpe
 
 BIN = Path(sys.executable).parent
-
-
-def _mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "mpe"), "--params", str(params), *args],
-        cwd=params.parent,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
-    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "Traceback" not in run.stderr, run.stderr[-2000:]
-    for n in needles:
-        assert n in run.stderr, (n, run.stderr[-2000:])
 
 
 def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp_path):
@@ -51,13 +34,13 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
     original = file_sha256(shard)
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    _one_line_error(_mpe(params, "cache"), shard.name, "mpe data")
-    _one_line_error(_mpe(params, "train"), shard.name, "mpe data")
+    assert_one_line_error(run_mpe(params, "cache"), shard.name, "mpe data")
+    assert_one_line_error(run_mpe(params, "train"), shard.name, "mpe data")
     skipping = copy_project(project, tmp_path / "skip", data={"skip_corrupt_shards": True})
     bad = tmp_path / "skip" / "data" / "shards" / "train" / shard.name
     with open(bad, "r+b") as f:
         f.truncate(bad.stat().st_size // 2)
-    assert _mpe(skipping, "cache").returncode == 0
+    assert run_mpe(skipping, "cache").returncode == 0
     summary = json.loads((tmp_path / "skip" / "metrics" / "cache.json").read_text())
     assert summary["skipped_corrupt_shards"] == [shard.name]
     stats = data.run(load_params(params))  # the data stage downloads the shard again
@@ -71,8 +54,8 @@ def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_m
 
     params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
     data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
-    assert _mpe(params, "cache").returncode == 0
-    first = _mpe(params, "train")
+    assert run_mpe(params, "cache").returncode == 0
+    first = run_mpe(params, "train")
     assert first.returncode == 0, first.stderr[-3000:]
     before = json.loads((tmp_path / "metrics" / "train.json").read_text())
     model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
@@ -80,7 +63,7 @@ def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_m
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     assert data.run(load_params(params))["repaired_shards"] == {"train": [shard.name]}
-    again = _mpe(params, "train")
+    again = run_mpe(params, "train")
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert after["ray_run_name"] == before["ray_run_name"]
@@ -91,13 +74,13 @@ def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_m
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp_path):
     train = {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 2, "fail_at_step": 5, "max_failures": 0}
     params = copy_project(project, tmp_path, train=train)
-    assert _mpe(params, "train").returncode == 2  # a worker fails after step 5, with no restart left
+    assert run_mpe(params, "train").returncode == 2  # a worker fails after step 5, with no restart left
     run_dir = next((tmp_path / "ray_results").glob("mpe-default-*"))
     newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
     weights = newest / "trainable.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 3)
-    run = _mpe(params, "train")  # the failure is injected once: this run goes through
+    run = run_mpe(params, "train")  # the failure is injected once: this run goes through
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trainable.safetensors: does not match the sha256" in run.stdout + run.stderr
     summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
@@ -107,29 +90,29 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(project, tmp
 def test_missing_inputs_and_damaged_models_are_one_line_errors(project, tmp_path, tiny_base_dir):
     params = copy_project(project, tmp_path)
     shutil.rmtree(tmp_path / "cache")
-    _one_line_error(_mpe(params, "train"), "run `mpe cache` first")
+    assert_one_line_error(run_mpe(params, "train"), "run `mpe cache` first")
     model = tmp_path / "model"
     assert main(["model", "init", "--base", str(tiny_base_dir), "--out", str(model), "--num-prompts", "2"]) == 0
     text = tmp_path / "t.txt"
     text.write_text("a red circle\n")
     weights = model / "mpe_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    _one_line_error(
-        _mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
+    assert_one_line_error(
+        run_mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
         str(weights),
     )
     (model / "mpe_config.json").write_text("{ not json")
-    _one_line_error(
-        _mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
+    assert_one_line_error(
+        run_mpe(params, "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")),
         "mpe_config.json",
     )
-    debug = _mpe(
+    debug = run_mpe(
         params, "--debug", "embed", "--model", str(model), "--text-file", str(text), "--out", str(tmp_path / "t.npy")
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug shows it
     (tmp_path / "latin1.txt").write_bytes("a caf\xe9 au lait\n".encode("latin-1"))
-    _one_line_error(
-        _mpe(
+    assert_one_line_error(
+        run_mpe(
             params,
             "embed",
             "--model",
@@ -158,7 +141,9 @@ def test_a_model_config_edited_to_another_shape_is_one_line_naming_both_files(tm
         text=True,
         timeout=600,
     )
-    _one_line_error(run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim")
+    assert_one_line_error(
+        run, f"{model / 'mpe_weights.safetensors'}: does not fit {config}", "size mismatch", "embed_dim"
+    )
 
 
 def test_a_damaged_or_missing_text_checkpoint_in_a_model_folder_is_one_line_naming_it(tmp_path, tiny_base_dir, capsys):
@@ -202,7 +187,7 @@ def test_an_image_too_elongated_to_embed_is_refused_by_name_before_it_is_decoded
         text=True,
         timeout=600,
     )
-    _one_line_error(run, "images/strip.png is 1×16777216 pixels, too elongated", "crop it")
+    assert_one_line_error(run, "images/strip.png is 1×16777216 pixels, too elongated", "crop it")
     assert not (tmp_path / "i.npy").exists()
 
 
@@ -217,10 +202,10 @@ def test_an_unwritable_folder_is_named_not_a_temp_file(project, tmp_path, tiny_b
         pytest.skip("chattr +i is not permitted here")
     try:
         params = copy_project(project, tmp_path)
-        run = _mpe(params, "model", "init", "--base", str(tiny_base_dir), "--out", str(locked / "m"))
-        _one_line_error(run, f"{locked / 'm'}: permission denied")
-        run = _mpe(params, "compare", "--out", str(locked / "compare.md"))
-        _one_line_error(run, f"{locked / 'compare.md'}: permission denied")
+        run = run_mpe(params, "model", "init", "--base", str(tiny_base_dir), "--out", str(locked / "m"))
+        assert_one_line_error(run, f"{locked / 'm'}: permission denied")
+        run = run_mpe(params, "compare", "--out", str(locked / "compare.md"))
+        assert_one_line_error(run, f"{locked / 'compare.md'}: permission denied")
         assert list(locked.iterdir()) == []
     finally:
         subprocess.run(["chattr", "-i", str(locked)])
@@ -251,7 +236,7 @@ def test_a_full_disk_stops_the_cache_with_its_name_and_keeps_finished_shards(pro
             code = main(["--params", str(params), "cache"])
             assert code == 2
         else:
-            _one_line_error(_mpe(params, "cache"), "no space left on the device", "finished work is kept")
+            assert_one_line_error(run_mpe(params, "cache"), "no space left on the device", "finished work is kept")
         finished = [p for p in full.rglob("train/*.safetensors") if not p.name.startswith(".")]
         assert finished, "the shards written before the disk filled are kept"
         assert not [p for p in full.rglob("*") if p.name.startswith(".") and p.is_file() and p.name != RECORD]
@@ -279,7 +264,7 @@ def test_a_failed_url_list_run_never_leaves_a_mix_in_use(project, tmp_path):
     with pytest.raises(StageInputError, match="run `mpe data` first"):
         read_stats(data)  # nothing reads a half-replaced data folder
     assert not (data / "shards" / "negation").exists()
-    _one_line_error(_mpe(params, "cache"), "run `mpe data` first")
+    assert_one_line_error(run_mpe(params, "cache"), "run `mpe data` first")
 
 
 def test_written_files_get_the_modes_of_the_umask(tmp_path):
@@ -325,7 +310,7 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
     temp_dir = local_cluster_dir(tmp_path)
     time.sleep(1)
     assert _ray_processes(temp_dir), "some of the killed driver's local cluster is left (what the rerun stops)"
-    run = _mpe(params, "train")
+    run = run_mpe(params, "train")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert summary["steps"] == 12 and summary["restored_from_step"] >= 2
@@ -355,7 +340,7 @@ def test_another_ray_cluster_on_the_machine_is_left_alone_and_does_not_disturb_t
         theirs = _processes_naming(foreign)
         assert theirs
         params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
-        run = _mpe(params, "train")
+        run = run_mpe(params, "train")
         assert run.returncode == 0, run.stderr[-3000:]
         assert "Found multiple active Ray instances" not in run.stdout + run.stderr
         assert "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]

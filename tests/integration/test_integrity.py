@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,27 +15,15 @@ import pytest
 import yaml
 
 from mpe.config import load_params
-from tests.project_config import copy_project, replace_weights_in_place, write_tiny_siglip
+from tests.project_config import (
+    assert_one_line_error,
+    copy_project,
+    replace_weights_in_place,
+    run_mpe,
+    write_tiny_siglip,
+)
 
 BIN = Path(sys.executable).parent
-
-
-def _mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "mpe"), "--params", str(params), *args],
-        cwd=params.parent,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
-    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "Traceback" not in run.stderr, run.stderr[-2000:]
-    for n in needles:
-        assert n in run.stderr, (n, run.stderr[-2000:])
-    return run.stderr
 
 
 def _edit(params: Path, **sections) -> Path:
@@ -107,9 +94,9 @@ def test_a_cache_shard_overwritten_in_place_is_refused_and_recomputed(project, t
     original = shard.read_bytes()
     (tmp_path / "original.safetensors").write_bytes(original)
     _overwrite(shard, len(original) // 3, len(original) // 4)  # inside the states, the same size
-    _one_line_error(_mpe(params, "train"), shard.name, "`mpe cache` recomputes it")
+    assert_one_line_error(run_mpe(params, "train"), shard.name, "`mpe cache` recomputes it")
     assert not (tmp_path / "models" / "trained").exists()
-    run = _mpe(params, "cache")
+    run = run_mpe(params, "cache")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "metrics" / "cache.json").read_text())
     assert summary["damaged_shards"] == [shard.name] and summary["shards_computed"] == 1
@@ -139,8 +126,8 @@ def test_a_data_shard_overwritten_in_place_at_the_same_size_is_refused(project, 
     with pytest.raises(Exception, match=shard.name):
         verified_shards(data_root, "train")
     assert hashed == [str(shard)]  # the changed file alone is read
-    _one_line_error(_mpe(params, "train"), shard.name, "sha256", "mpe data")
-    _one_line_error(_mpe(params, "cache"), shard.name, "sha256")
+    assert_one_line_error(run_mpe(params, "train"), shard.name, "sha256", "mpe data")
+    assert_one_line_error(run_mpe(params, "cache"), shard.name, "sha256")
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_the_rank_and_the_samples(project, tmp_path, ray_session):
@@ -279,9 +266,9 @@ def test_a_run_warm_started_from_the_champion_records_its_version_in_the_new_ver
     champion = f"version {mlflow.MlflowClient().get_model_version_by_alias('mpe-multiprompt', 'champion').version}"
     other = copy_project(project, tmp_path / "other", model={"vision": {"pretrained": str(vision)}, "embed_dim": 32})
     _edit(other, train={"init_from": "champion"}, mlflow=load_params(params).mlflow.model_dump(mode="json"))
-    _one_line_error(_mpe(other, "train"), champion, "model.embed_dim", "train.init_from: scratch")
+    assert_one_line_error(run_mpe(other, "train"), champion, "model.embed_dim", "train.init_from: scratch")
     for weights in (tmp_path / "mlartifacts").rglob("mpe_weights.safetensors"):
         os.remove(weights)
     _edit(other, model={"embed_dim": 64})
-    _one_line_error(_mpe(other, "train"), champion, "cannot be read", "train.init_from: scratch")
+    assert_one_line_error(run_mpe(other, "train"), champion, "cannot be read", "train.init_from: scratch")
     assert not (tmp_path / "other" / "ray_results").exists()

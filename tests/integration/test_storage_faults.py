@@ -13,29 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.project_config import copy_project
+from tests.project_config import assert_one_line_error, copy_project, run_mpe
 
 BIN = Path(sys.executable).parent
-
-
-def _mpe(params: Path, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "mpe"), "--params", str(params), *args],
-        cwd=params.parent,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> str:
-    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    lines = [line for line in run.stderr.splitlines() if line.startswith("mpe ")]
-    assert len(lines) == 1, run.stderr[-3000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @contextlib.contextmanager
@@ -58,8 +38,8 @@ def _tmpfs(where: Path, *options: str):
 def test_a_full_disk_at_export_names_the_model_folder_and_leaves_no_temporary_folder(project, tmp_path, tiny_base_dir):
     params = copy_project(project, tmp_path)
     with _tmpfs(tmp_path / "small", "size=2m") as small:
-        run = _mpe(params, "model", "init", "--base", str(tiny_base_dir), "--out", str(small / "m"))
-        _one_line_error(run, f"{small / 'm'}: no space left on the device")
+        run = run_mpe(params, "model", "init", "--base", str(tiny_base_dir), "--out", str(small / "m"))
+        assert_one_line_error(run, f"{small / 'm'}: no space left on the device", single_line=True)
         assert list(small.iterdir()) == []  # the half-written temporary folder is gone
 
 
@@ -67,7 +47,9 @@ def test_a_volume_mounted_at_the_model_folder_is_refused_before_training(project
     params = copy_project(project, tmp_path)
     with _tmpfs(tmp_path / "models" / "trained", "size=64m") as mounted:
         (mounted / "keep.txt").write_text("a file the user keeps on the volume")
-        line = _one_line_error(_mpe(params, "train"), str(mounted), "train.out_dir", "a mount point", "one level up")
+        line = assert_one_line_error(
+            run_mpe(params, "train"), str(mounted), "train.out_dir", "a mount point", "one level up", single_line=True
+        )
         assert "keep.txt" in {p.name for p in mounted.iterdir()}
     assert not (tmp_path / "ray_results").exists(), f"training started before the refusal: {line}"
 
@@ -78,8 +60,10 @@ def test_a_read_only_metrics_folder_is_one_line_and_refused_before_training(proj
     metrics.mkdir()
     (metrics / "data.json").write_text(json.dumps({"kept": True}))  # under the mount: untouched
     with _tmpfs(metrics, "size=1m", "ro") as ro:
-        _one_line_error(_mpe(params, "sources"), f"{ro / 'sources.json'}: read-only file system")
-        _one_line_error(_mpe(params, "train"), "metrics_dir", "read-only file system")
+        assert_one_line_error(
+            run_mpe(params, "sources"), f"{ro / 'sources.json'}: read-only file system", single_line=True
+        )
+        assert_one_line_error(run_mpe(params, "train"), "metrics_dir", "read-only file system", single_line=True)
     assert not (tmp_path / "ray_results").exists()
     assert json.loads((metrics / "data.json").read_text()) == {"kept": True}
 
