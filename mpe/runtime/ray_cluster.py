@@ -66,17 +66,8 @@ def local_node_env():
     report URL, which their processes inherit (``MPE_HOME`` keeps what the user's HOME says); both are
     restored after."""
     os.environ.setdefault("MPE_HOME", str(mpe_home()))
-    changed = {"HOME": str(local_ray_home()), "RAY_USAGE_STATS_REPORT_URL": NO_REPORT_URL}
-    old = {k: os.environ.get(k) for k in changed}
-    os.environ.update(changed)
-    try:
+    with _environ(HOME=str(local_ray_home()), RAY_USAGE_STATS_REPORT_URL=NO_REPORT_URL):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def local_temp_dir() -> str:

@@ -34,26 +34,24 @@ def _cache_shards(folder: CacheFolder, data_shards: list[str]) -> list[str]:
     """The cache shard of every data shard, each checked to be built from that very shard and to hold the
     bytes it was written with (read in full only if the file changed since it was last verified)."""
     shards = [folder.shard_url("train", d) for d in data_shards]
-    check = ShardCheck()
-    states = [check.check(c, data_shard_identity(d)) for d, c in zip(data_shards, shards)]
-    check.save()
-    if check.damage:
-        first = next(iter(check.damage.values()))
-        raise CacheCorrupt(f"{first} ({len(check.damage)} damaged cache shard(s))" if len(check.damage) > 1 else first)
-    stale = [d for d, state in zip(data_shards, states) if state != "current"]
-    if stale:
-        raise StageInputError(
-            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current "
-            f"cache shard (first: {storage.name(stale[0])}); run `mpe cache` first"
-        )
+    _check_current(folder, data_shards, shards, [data_shard_identity(d) for d in data_shards], "cache shard")
     return shards
 
 
 def _negative_shards(folder: CacheFolder, data_shards: list[str], per_caption: int, seed: int) -> list[str]:
     """The negatives shard of every data shard, each checked to hold that shard's negatives as drawn now."""
     shards = [folder.negatives_url(d) for d in data_shards]
+    identities = [negatives_identity(d, per_caption, seed) for d in data_shards]
+    _check_current(folder, data_shards, shards, identities, "hard-negatives shard", " (train.hard_negatives is on)")
+    return shards
+
+
+def _check_current(
+    folder: CacheFolder, data_shards: list[str], shards: list[str], identities: list[dict], what: str, why: str = ""
+) -> None:
+    """Refuse to train on a damaged shard (it failed its checksums) or on one not built from its data shard."""
     check = ShardCheck()
-    states = [check.check(n, negatives_identity(d, per_caption, seed)) for d, n in zip(data_shards, shards)]
+    states = [check.check(url, identity) for url, identity in zip(shards, identities)]
     check.save()
     if check.damage:
         first = next(iter(check.damage.values()))
@@ -61,10 +59,9 @@ def _negative_shards(folder: CacheFolder, data_shards: list[str], per_caption: i
     stale = [d for d, state in zip(data_shards, states) if state != "current"]
     if stale:
         raise StageInputError(
-            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current hard-negatives "
-            f"shard (first: {storage.name(stale[0])}); run `mpe cache` first (train.hard_negatives is on)"
+            f"{folder.url}: {len(stale)} of {len(data_shards)} training shards have no current {what} "
+            f"(first: {storage.name(stale[0])}); run `mpe cache` first{why}"
         )
-    return shards
 
 
 def _data_wait_share(history: list[dict], skip_first: bool) -> float | None:
