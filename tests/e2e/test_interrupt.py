@@ -191,7 +191,7 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_kill_9_leaves_nothing_running_
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     earlier = {d.name for d in (proj / "ray_results").iterdir()}
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
-    versions = [m.version for m in mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")]
+    versions = [str(m.version) for m in mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")]
 
     def mpe_run():
         return subprocess.Popen(
