@@ -77,6 +77,8 @@ def local_temp_dir() -> str:
 
 
 MARKER = "MPE_RAY_LOCAL_CLUSTER"
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_TRAIN_POLL_S = "0.2"
 
 
 def _processes(marker: str) -> dict[int, tuple[int, bool]]:
@@ -140,6 +142,10 @@ def ensure_ray(cfg) -> None:
         return
     temp_dir = local_temp_dir()
     stop_orphans(temp_dir)
+    # Ray Train's controller takes a worker's report (and its checkpoint) only when it polls the workers,
+    # every 2 s by default, and the worker blocks until it does: on a small model that is most of a
+    # checkpointing step. Polling a local cluster's few workers more often costs next to nothing.
+    os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
     os.environ[MARKER] = temp_dir  # inherited by every process of the cluster: how a later run finds orphans
     # Where this cluster's own processes look for "the" local cluster when they are not told: Ray Train's
     # placement-group cleaner asks the state API with no address, which scans the machine for Ray clusters

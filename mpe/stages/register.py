@@ -7,12 +7,9 @@ from pathlib import Path
 
 from mpe.config import Params
 from mpe.errors import StageInputError
-from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
-from mpe.evaluation.tasks import TextEmbedder, evaluate_model, flat_metrics
 from mpe.files import storage
 from mpe.files.atomic import write_json
 from mpe.files.hashing import checkpoint_sha256
-from mpe.model.multi_prompt_clip import MultiPromptCLIP
 from mpe.provenance.lineage import lineage_tags
 from mpe.provenance.run_record import recorded_files
 from mpe.records import EVAL, REGISTER, TRAIN, TrainingSummary, metrics_file, read_metrics
@@ -45,6 +42,11 @@ def run(params: Params, project: Path = Path("."), flow_run_id: str | None = Non
     gated = [b for b in params.evaluate.benchmarks if is_benchmark_metric(gate) and b.name == gate.split(".")[0]]
 
     def evaluate_champion(uri: str) -> dict:
+        # torch and the model only when a champion is re-measured: `mpe run` imports this stage in its driver
+        from mpe.evaluation.benchmarks.scoring import benchmark_metrics, read_benchmarks
+        from mpe.evaluation.tasks import TextEmbedder, evaluate_model, flat_metrics
+        from mpe.model.multi_prompt_clip import MultiPromptCLIP
+
         sets = read_benchmarks(gated)
         model = MultiPromptCLIP.from_pretrained(download_model_folder(uri))
         embed = TextEmbedder(model, None, batch_size)

@@ -35,8 +35,6 @@ def run(params: Params, model: str | None = None, out_dir: str | None = None, re
     """Build (or keep) the index of ``model`` (default: ``train.out_dir``) in ``out_dir`` (default:
     ``search.out_dir``). ``registered`` is the register stage's result: the index is then logged with that
     version. Returns the index's ``index.json`` with ``built`` (False when an index of this model was kept)."""
-    from mpe.model.multi_prompt_clip import MultiPromptCLIP
-
     ref = model or params.train.out_dir
     folder = model_folder(ref, params.mlflow.tracking_uri)
     sha = model_sha256(folder)
@@ -48,6 +46,8 @@ def run(params: Params, model: str | None = None, out_dir: str | None = None, re
         if registered:
             source = f"models:/{registered['model_name']}/{registered['version']}"
         info = {"sha256": sha, "source": source}
+        from mpe.model.multi_prompt_clip import MultiPromptCLIP  # torch only when an index is built
+
         net = MultiPromptCLIP.from_pretrained(folder).eval()
         meta = build_index(net, params.data.out_dir, params.search, out, info)
     if registered:

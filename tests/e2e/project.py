@@ -71,6 +71,24 @@ def project_env(proj: Path, **extra) -> dict:
     return env
 
 
+def own_server_env(proj: Path) -> dict:
+    """The project's environment without ``PREFECT_API_URL``: `mpe run` starts its own Prefect server, in its
+    own process group, as a user's `mpe run` does."""
+    env = project_env(proj)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def registered_models(proj: Path) -> list:
+    """The registered models of the project's ``mlruns.db`` (none while it does not exist)."""
+    import mlflow
+
+    if not (proj / "mlruns.db").exists():
+        return []
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
+    return mlflow.MlflowClient().search_registered_models()
+
+
 def status_clean(project: Path) -> tuple[bool, str]:
     """``dvc status``: clean when every stage is up to date. A stage DVC always reruns by design (``sources``,
     which lists the URL-list parts) is not a change."""

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.e2e.project import BIN, make_project, pipeline_params, project_env, run
+from tests.e2e.project import BIN, make_project, own_server_env, pipeline_params, registered_models, run
 from tests.project_config import has_intact_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -27,21 +26,8 @@ def proj(tmp_path_factory, tiny_base_dir):
     return make_project(root / "proj", params)[0]
 
 
-def _env(proj):
-    env = project_env(proj)
-    env.pop("PREFECT_API_URL", None)  # `mpe run` starts its own server, in its own process group
-    return env
-
-
-def _registered(proj) -> list:
-    if not (proj / "mlruns.db").exists():
-        return []
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
-    return mlflow.MlflowClient().search_registered_models()
-
-
 def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
-    env = _env(proj)
+    env = own_server_env(proj)
     p = subprocess.Popen(
         [str(BIN / "mpe"), "run"],
         cwd=proj,
@@ -62,7 +48,7 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert p.returncode == 130, (p.returncode, err[-3000:])
     assert "interrupted" in err and "resume" in err and stopped < 90, (stopped, err[-2000:])
     assert "Traceback" not in out + err, (out + err)[-3000:]  # Prefect logs the Interrupted as its one line
-    assert _registered(proj) == [] and not (proj / "metrics" / "register.json").exists()
+    assert registered_models(proj) == [] and not (proj / "metrics" / "register.json").exists()
 
     # the rerun, and two more `mpe run` started while it runs: one stops at once, one waits its turn
     first = subprocess.Popen(
@@ -92,7 +78,7 @@ def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     assert third.returncode == 0 and "waiting for the run" in err3, err3[-3000:]
     train = json.loads((proj / "metrics" / "train.json").read_text())
     assert train["steps"] == 40 and train["restored_from_step"] >= 2
-    assert [m.name for m in _registered(proj)] == ["mpe-faults"]
+    assert [m.name for m in registered_models(proj)] == ["mpe-faults"]
     versions = mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")
     assert [str(v.version) for v in versions] == ["1"]  # the waiting run found nothing changed: no second version
     from tests.e2e.project import status_clean
@@ -110,7 +96,7 @@ def test_an_output_edited_in_place_leaves_dvc_s_copy_intact(proj):
         f.truncate(1000)
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=proj, capture_output=True, text=True)
     assert "modified" in status.stdout and "data" in status.stdout
-    run([str(BIN / "dvc"), "checkout", "--force", "data"], proj, _env(proj))
+    run([str(BIN / "dvc"), "checkout", "--force", "data"], proj, own_server_env(proj))
     assert file_sha256(shard) == original
 
 
@@ -129,7 +115,7 @@ def test_a_held_dvc_lock_is_a_one_line_error(proj):
     try:
         assert holder.stdout.readline().strip() == "held"
         out = subprocess.run(
-            [str(BIN / "mpe"), "run"], cwd=proj, env=_env(proj), capture_output=True, text=True, timeout=300
+            [str(BIN / "mpe"), "run"], cwd=proj, env=own_server_env(proj), capture_output=True, text=True, timeout=300
         )
         last = [line for line in out.stderr.splitlines() if line.strip()][-1]
         # Prefect's own log of the failed task keeps its traceback; what the command ends with is one line
@@ -139,122 +125,3 @@ def test_a_held_dvc_lock_is_a_one_line_error(proj):
     finally:
         holder.kill()
         holder.wait()
-
-
-def _newest_step(ray_results, skip: set[str]) -> int:
-    """The step of the newest intact checkpoint among the Ray runs not in ``skip``."""
-    from mpe.training.checkpoint import newest_intact
-
-    steps = [0]
-    for d in ray_results.glob("*"):
-        found = newest_intact(d) if d.is_dir() and d.name not in skip else None
-        if found:
-            steps.append(found[1][2]["step"])
-    return max(steps)
-
-
-def _left_running(proj, seconds: float) -> list[str]:
-    """What still runs of this project (a process whose command line or environment names its folder, as every
-    process `mpe run` starts does, through PREFECT_HOME) once ``seconds`` have passed without it ending."""
-    from tests.session_temp import _processes_naming
-
-    deadline = time.monotonic() + seconds
-    while _processes_naming(proj) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    out = []
-    for pid in _processes_naming(proj):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out.append(f"{pid}: {cmdline[:150]}")
-    return out
-
-
-def _until_step(p, proj, skip: set[str], step: int) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and _newest_step(proj / "ray_results", skip) < step:
-        assert p.poll() is None, p.communicate()[1][-3000:]
-        time.sleep(0.5)
-    assert _newest_step(proj / "ray_results", skip) >= step
-
-
-def test_sigterm_stops_the_run_as_ctrl_c_does_and_kill_9_leaves_nothing_running_and_the_rerun_resumes(proj):
-    """`kill` (SIGTERM, what `timeout` sends) to `mpe run` alone: it stops as a Ctrl-C stops it, and nothing
-    it started keeps running (the Prefect server, DVC, the stage, Ray). `kill -9` of `mpe run` alone: nothing
-    it started runs on for long. The run after both resumes from the last checkpoint."""
-    import yaml
-
-    env = _env(proj)
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["train"]["lr"] = 5e-4  # a new training run
-    (proj / "params.yaml").write_text(yaml.safe_dump(params))
-    earlier = {d.name for d in (proj / "ray_results").iterdir()}
-    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
-    versions = [str(m.version) for m in mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")]
-
-    def mpe_run():
-        return subprocess.Popen(
-            [str(BIN / "mpe"), "run"],
-            cwd=proj,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # the signal goes to `mpe run` alone, not to a terminal's process group
-        )
-
-    first = mpe_run()
-    _until_step(first, proj, earlier, 2)
-    first.send_signal(signal.SIGTERM)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 143 and "stopped by SIGTERM" in err and "resume" in err, err[-3000:]
-    assert _left_running(proj, 60) == []
-    reached = _newest_step(proj / "ray_results", earlier)
-    assert (
-        not (proj / "metrics" / "register.json").exists()
-        or json.loads((proj / "metrics" / "register.json").read_text())["version"] in versions
-    )  # nothing new registered
-
-    second = mpe_run()
-    _until_step(second, proj, earlier, reached + 2)  # resumed, and went on
-    second.kill()  # SIGKILL, `mpe run` alone: nothing can clean up in it
-    second.communicate(timeout=60)
-    assert _left_running(proj, 120) == []
-
-    run([str(BIN / "mpe"), "run"], proj, env, timeout=900)
-    train = json.loads((proj / "metrics" / "train.json").read_text())
-    assert train["steps"] == 40 and train["restored_from_step"] >= reached + 2, train
-    assert json.loads((proj / "metrics" / "register.json").read_text())["version"] not in versions
-    assert _left_running(proj, 60) == []
-
-
-def test_a_damaged_mlflow_store_is_named_and_an_emptied_one_gets_the_finished_training_logged_anew(proj):
-    """A truncated `mlruns.db` stops `mpe run` with one line naming it. An emptied one (0 bytes) is a new
-    store: the run says so, trains again (resuming the finished Ray run: no step is trained twice) to log
-    the training there, evaluates into that run and registers the model as the new store's version 1."""
-    env = _env(proj)
-    db = proj / "mlruns.db"
-    whole = db.read_bytes()
-    trained_before = json.loads((proj / "metrics" / "train.json").read_text())
-    db.write_bytes(whole[: len(whole) // 2])
-    out = subprocess.run([str(BIN / "mpe"), "run"], cwd=proj, env=env, capture_output=True, text=True, timeout=600)
-    last = [line for line in out.stderr.splitlines() if line.strip()][-1]
-    assert out.returncode == 2 and last.startswith("mpe run: error:") and str(db) in last, out.stderr[-3000:]
-
-    db.write_bytes(b"")
-    out = subprocess.run([str(BIN / "mpe"), "run"], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "empty (0 bytes)" in out.stdout + out.stderr
-    train = json.loads((proj / "metrics" / "train.json").read_text())
-    assert train["ray_run_name"] == trained_before["ray_run_name"]
-    assert train["restored_from_step"] == train["steps"] == trained_before["steps"]  # resumed, not retrained
-    assert train["mlflow_run_id"] != trained_before["mlflow_run_id"]
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    client = mlflow.MlflowClient()
-    run_ = client.get_run(train["mlflow_run_id"])
-    assert run_.data.tags["mpe.previous_run_id"] == trained_before["mlflow_run_id"]
-    assert any(k.startswith("eval.") for k in run_.data.metrics)  # evaluate logged into the new run
-    registered = json.loads((proj / "metrics" / "register.json").read_text())
-    assert registered["version"] == "1" and registered["alias"] == "champion"
-    assert client.get_model_version("mpe-faults", "1").tags["mlflow_train_run_id"] == train["mlflow_run_id"]
