@@ -58,6 +58,11 @@ def small_params(root: Path, base: Path, **overrides) -> dict:
     return p
 
 
+# The params the session project was built with: tests that retrain the session project rewrite its
+# params.yaml, so copies start from this file.
+PRISTINE_PARAMS = "params.session.yaml"
+
+
 def write_params(root: Path, data: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -72,13 +77,21 @@ def has_intact_checkpoint(ray_results: Path) -> bool:
     return ray_results.is_dir() and any(newest_intact(d) for d in ray_results.glob("*") if d.is_dir())
 
 
+def _only_the_base_model(models: Path):
+    """A ``copytree`` filter that keeps, of the folders in ``models``, only ``base``."""
+    return lambda folder, names: [n for n in names if Path(folder) == models and n != "base"]
+
+
 def copy_project(project, tmp: Path, **sections) -> Path:
-    """A copy of the session project's data, base model and cache under ``tmp``, with its params file."""
+    """A copy of the session project's data, base model and cache under ``tmp``, with its params file. What
+    training wrote into the session project (another test's model under ``models/trained``) is not copied:
+    a copy starts untrained, with the session's params, whichever tests ran before it in the same worker."""
     root, _ = project
     for d in ("data", "models", "cache"):
         if (root / d).exists():
-            shutil.copytree(root / d, tmp / d, symlinks=True)
-    p = yaml.safe_load((root / "params.yaml").read_text())
+            shutil.copytree(root / d, tmp / d, symlinks=True, ignore=_only_the_base_model(root / "models"))
+    pristine = root / PRISTINE_PARAMS
+    p = yaml.safe_load((pristine if pristine.exists() else root / "params.yaml").read_text())
     p["data"]["out_dir"] = str(tmp / "data")
     p["base_model"]["out_dir"] = str(tmp / "models" / "base")
     p["cache"]["root"] = str(tmp / "cache")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from mpe.config import load_params
-from tests.project_config import small_params, write_params
+from tests.project_config import PRISTINE_PARAMS, small_params, write_params
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +17,7 @@ def project(tiny_base_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("project")
     params = load_params(write_params(root, small_params(root, tiny_base_dir)))
+    shutil.copyfile(root / "params.yaml", root / PRISTINE_PARAMS)
     data.run(params)
     base_model.run(params)
     cache.run(params)
