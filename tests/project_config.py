@@ -77,21 +77,15 @@ def has_intact_checkpoint(ray_results: Path) -> bool:
     return ray_results.is_dir() and any(newest_intact(d) for d in ray_results.glob("*") if d.is_dir())
 
 
-def _only_the_base_model(models: Path):
-    """A ``copytree`` filter that keeps, of the folders in ``models``, only ``base``."""
-    return lambda folder, names: [n for n in names if Path(folder) == models and n != "base"]
-
-
 def copy_project(project, tmp: Path, **sections) -> Path:
     """A copy of the session project's data, base model and cache under ``tmp``, with its params file. What
     training wrote into the session project (another test's model under ``models/trained``) is not copied:
     a copy starts untrained, with the session's params, whichever tests ran before it in the same worker."""
     root, _ = project
-    for d in ("data", "models", "cache"):
+    for d in ("data", "models/base", "cache"):
         if (root / d).exists():
-            shutil.copytree(root / d, tmp / d, symlinks=True, ignore=_only_the_base_model(root / "models"))
-    pristine = root / PRISTINE_PARAMS
-    p = yaml.safe_load((pristine if pristine.exists() else root / "params.yaml").read_text())
+            shutil.copytree(root / d, tmp / d, symlinks=True)
+    p = yaml.safe_load((root / PRISTINE_PARAMS).read_text())
     p["data"]["out_dir"] = str(tmp / "data")
     p["base_model"]["out_dir"] = str(tmp / "models" / "base")
     p["cache"]["root"] = str(tmp / "cache")

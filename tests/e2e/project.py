@@ -71,6 +71,27 @@ def project_env(proj: Path, **extra) -> dict:
     return env
 
 
+def fault_project(tmp_path_factory, tiny_base_dir: Path, name: str) -> Path:
+    """A whole project for the fault tests: training long enough (40 steps, a checkpoint every 2) that a signal
+    lands mid-training."""
+    params = pipeline_params(tiny_base_dir, model_name="mpe-faults", max_steps=40, checkpoint_every=2, lr=1e-3)
+    return make_project(tmp_path_factory.mktemp(name) / "proj", params)[0]
+
+
+def start_mpe_run(proj: Path, env: dict) -> subprocess.Popen:
+    """`mpe run` in ``proj``, output captured, in a session of its own: a signal the test sends reaches the run
+    (its process group, as a terminal's Ctrl-C does, or `mpe run` alone) and never the test."""
+    return subprocess.Popen(
+        [str(BIN / "mpe"), "run"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def own_server_env(proj: Path) -> dict:
     """The project's environment without ``PREFECT_API_URL``: `mpe run` starts its own Prefect server, in its
     own process group, as a user's `mpe run` does."""

@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 
-from tests.e2e.project import BIN, make_project, own_server_env, pipeline_params, registered_models, run
+from tests.e2e.project import BIN, fault_project, own_server_env, registered_models, run, start_mpe_run
 from tests.project_config import has_intact_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -21,22 +21,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory, tiny_base_dir):
-    root = tmp_path_factory.mktemp("faults")
-    params = pipeline_params(tiny_base_dir, model_name="mpe-faults", max_steps=40, checkpoint_every=2, lr=1e-3)
-    return make_project(root / "proj", params)[0]
+    return fault_project(tmp_path_factory, tiny_base_dir, "faults")
 
 
 def test_ctrl_c_stops_the_run_registers_nothing_and_the_rerun_resumes(proj):
     env = own_server_env(proj)
-    p = subprocess.Popen(
-        [str(BIN / "mpe"), "run"],
-        cwd=proj,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    p = start_mpe_run(proj, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not has_intact_checkpoint(proj / "ray_results"):
         assert p.poll() is None, p.communicate()[1][-3000:]

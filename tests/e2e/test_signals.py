@@ -14,16 +14,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.e2e.project import BIN, make_project, own_server_env, pipeline_params, run
+from tests.e2e.project import BIN, fault_project, own_server_env, run, start_mpe_run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory, tiny_base_dir):
-    root = tmp_path_factory.mktemp("signals")
-    params = pipeline_params(tiny_base_dir, model_name="mpe-faults", max_steps=40, checkpoint_every=2, lr=1e-3)
-    return make_project(root / "proj", params)[0]
+    return fault_project(tmp_path_factory, tiny_base_dir, "signals")
 
 
 def _newest_step(ray_results, skip: set[str]) -> int:
@@ -78,16 +76,8 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_kill_9_leaves_nothing_running_
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlruns.db'}")
     versions = [str(m.version) for m in mlflow.MlflowClient().search_model_versions("name = 'mpe-faults'")]
 
-    def mpe_run():
-        return subprocess.Popen(
-            [str(BIN / "mpe"), "run"],
-            cwd=proj,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # the signal goes to `mpe run` alone, not to a terminal's process group
-        )
+    def mpe_run():  # the signal goes to `mpe run` alone (send_signal), not to its process group
+        return start_mpe_run(proj, env)
 
     first = mpe_run()
     _until_step(first, proj, earlier, 2)
