@@ -57,7 +57,7 @@ browser:
 test: $(TEST_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
+	$(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)
 	$(BIN)/python -m pytest -q -ra --durations=25 -n 3 --dist loadfile
 
 # The documentation site (mkdocs.yml) into site/; `.venv/bin/mkdocs serve` shows it while you edit.
