@@ -417,6 +417,12 @@ class EvalConfig(StrictConfig):
     ks: list[Annotated[int, Field(ge=1)]] = Field([1, 5, 10], min_length=1, description="the k of R@k (each >= 1)")
     compare_untrained: bool = Field(True, description="also evaluate the untrained twin (same architecture and trunk)")
     splits: list[Literal["test", "val"]] = Field(["test"], description="splits evaluated (val: for choices)")
+    probe_train_images: int = Field(
+        500,
+        ge=0,
+        description="training images the linear probes are fitted on: a fixed sample drawn with the seed, the same "
+        "for every model (all of them when fewer; 0: no probes)",
+    )
     benchmarks: list[Benchmark] = Field([], description="standard benchmarks from local files (README)")
 
     @model_validator(mode="after")

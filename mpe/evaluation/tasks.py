@@ -3,6 +3,7 @@ classification with prompt ensembles, chance levels, and per-prompt patch maps."
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -86,12 +87,16 @@ def analyse_prompts(model, embed_text: TextEmbedder, samples, image_emb, probes:
     return out
 
 
-def linear_probes(model, data_root: str | Path, test, test_emb: torch.Tensor) -> dict:
-    """The aspect probes (``mpe.evaluation.linear_probe``) of the model's image embeddings: fitted on the training
-    split, scored on the test split; empty when the images carry no scene labels (a URL list)."""
-    if not any("main_shape" in s.meta for s in test):
+def linear_probes(model, data_root: str | Path, test, test_emb: torch.Tensor, train_images: int, seed: int) -> dict:
+    """The aspect probes (``mpe.evaluation.linear_probe``) of the model's image embeddings: fitted on
+    ``train_images`` training images (a sample fixed by ``seed``, so every model is probed on the same images;
+    all of them when the split has fewer), scored on the test split; empty when the images carry no scene
+    labels (a URL list) or ``train_images`` is 0."""
+    if train_images == 0 or not any("main_shape" in s.meta for s in test):
         return {}
     train, _ = load_split(storage.join(data_root, "shards", "train"))
+    if len(train) > train_images:
+        train = [train[i] for i in sorted(random.Random(seed).sample(range(len(train)), train_images))]
     train_emb = embed_images(model, [s.image for s in train])
     return probe_aspects(train_emb, [s.meta for s in train], test_emb, [s.meta for s in test])
 
@@ -106,8 +111,11 @@ def evaluate_split(model, data_root: str | Path, split: str, embed_text, ks=(1, 
     }
 
 
-def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> dict:
-    """All metrics of one model on the test split, the negation set and the zero-shot tasks (those present)."""
+def evaluate_model(
+    model, data_root: str | Path, embed_text, ks=(1, 5, 10), probe_train_images: int = 0, seed: int = 0
+) -> dict:
+    """All metrics of one model on the test split, the negation set and the zero-shot tasks (those present);
+    with ``probe_train_images`` > 0 also the linear probes (``linear_probes``)."""
     test, skipped = load_split(storage.join(data_root, "shards", "test"))
     image_emb = embed_images(model, [s.image for s in test])
     out = {
@@ -126,7 +134,7 @@ def evaluate_model(model, data_root: str | Path, embed_text, ks=(1, 5, 10)) -> d
                 "aspects": aspect_accuracy(image_emb[rows], embed_text([p["caption"] for p in probes]), variants, 1),
                 "aspect_probes": len(probes),
             }
-    out["probes"] = linear_probes(model, data_root, test, image_emb)
+    out["probes"] = linear_probes(model, data_root, test, image_emb, probe_train_images, seed)
     comp = [i for i, s in enumerate(test) if s.meta.get("compositional")]
     if comp:
         out["test_compositional"] = retrieval_on([test[i] for i in comp], embed_text, image_emb[comp], ks)

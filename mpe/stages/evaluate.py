@@ -97,7 +97,10 @@ def run(params: Params) -> dict:
         results = {name: {} for name in models}
         report = {name: {} for name in models} | {"chance": {}, "analysis": {}}
     else:
-        results = {name: evaluate_model(m, data_root, embedders[name], ks) for name, m in models.items()}
+        probes = params.evaluate.probe_train_images
+        results = {
+            name: evaluate_model(m, data_root, embedders[name], ks, probes, params.seed) for name, m in models.items()
+        }
         report = {name: flat_metrics(r) for name, r in results.items()}
         report["chance"] = chance_levels(results["trained"], ks)
         report["analysis"] = {name: analysis_metrics(r) for name, r in results.items()}

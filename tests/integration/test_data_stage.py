@@ -71,3 +71,54 @@ def test_negation_pairs_differ_only_in_the_negated_object(project):
         changed = (np.abs(a - b).sum(-1) > 60).mean()
         assert 0 < changed < 0.4, q  # same background and main object; only the extra object differs
         assert " and no " in q["query"]
+
+
+class _PixelEmbedder:
+    """A fixed image embedding (the image at 4x4 pixels) that records the images it was given."""
+
+    def __init__(self):
+        self.seen: list[bytes] = []
+
+    def encode_image(self, images):
+        import numpy as np
+        import torch
+
+        self.seen += [im.tobytes() for im in images]
+        return torch.tensor(np.stack([np.asarray(im.resize((4, 4))).ravel() for im in images]), dtype=torch.float32)
+
+
+def test_the_linear_probes_are_fitted_on_a_fixed_sample_of_the_training_images(project):
+    from mpe.evaluation.linear_probe import probe_aspects
+    from mpe.evaluation.tasks import linear_probes
+
+    root, _ = project
+    data = root / "data"
+    test, _ = load_split(data / "shards" / "test")
+    train, _ = load_split(data / "shards" / "train")
+    test_emb = _PixelEmbedder().encode_image([s.image for s in test])
+    pixels = {s.image.tobytes(): s for s in train}  # an image drawn twice is one key: the same scene
+    every = sorted(s.image.tobytes() for s in train)
+
+    def probes(n, seed):
+        model = _PixelEmbedder()
+        return linear_probes(model, data, test, test_emb, n, seed), model.seen
+
+    whole, seen = probes(len(train) + 5, 0)  # more than the split holds: every training image, once
+    assert sorted(seen) == every
+    test_meta = [s.meta for s in test]
+    brute = probe_aspects(
+        _PixelEmbedder().encode_image([s.image for s in train]), [s.meta for s in train], test_emb, test_meta
+    )
+    assert whole == brute and "probe_shape" in whole
+    a, seen_a = probes(40, 7)
+    b, seen_b = probes(40, 7)
+    _, seen_c = probes(40, 8)
+    assert len(seen_a) == 40 and set(seen_a) <= set(pixels)  # 40 of the training images
+    assert all(seen_a.count(p) <= every.count(p) for p in seen_a)  # none taken twice
+    assert seen_a == seen_b and a == b  # the same seed, the same images and figures: models are probed alike
+    assert set(seen_c) != set(seen_a)
+    sample = [pixels[p] for p in seen_a]
+    assert a == probe_aspects(
+        _PixelEmbedder().encode_image([s.image for s in sample]), [s.meta for s in sample], test_emb, test_meta
+    )
+    assert probes(0, 0) == ({}, [])  # 0: no probes, nothing embedded
