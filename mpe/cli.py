@@ -306,6 +306,7 @@ def cmd_ui(args) -> None:
 
 
 def cmd_experiments_run(args) -> None:
+    _params(args, required=False)  # before the suite's stages import Ray: a local cluster stays on 127.0.0.1
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
 

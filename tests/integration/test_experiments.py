@@ -4,6 +4,7 @@ back from MLflow alone, and a rerun that skips what is done."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import mlflow
 import pytest
 import yaml
 
+from mpe.runtime.ray_cluster import LOOPBACK_ENV
 from tests.project_config import small_params
 
 BIN = Path(sys.executable).parent
@@ -49,11 +51,20 @@ def suite_project(tmp_path_factory, tiny_base_dir):
     (root / "experiments" / "tiny.yaml").write_text(yaml.safe_dump(SUITE))
     env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PREFECT_API_URL", None)
+    env.pop(LOOPBACK_ENV, None)  # as a user's shell has it: the command itself keeps Ray on loopback
     out = subprocess.run(
         [str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root, env
+    return root, env, out.stdout + out.stderr
+
+
+def test_the_suite_s_ray_cluster_stays_on_loopback(suite_project):
+    """Ray Train names each worker's node address when it starts the group: every one is 127.0.0.1 (Ray binds a
+    local cluster to the machine's own address unless told before it is imported)."""
+    *_, output = suite_project
+    addresses = re.findall(r"\(ip=([0-9a-f.:]+), pid=", output)
+    assert addresses and set(addresses) == {"127.0.0.1"}, sorted(set(addresses))
 
 
 def _runs(root):
@@ -63,7 +74,7 @@ def _runs(root):
 
 
 def test_every_cell_is_a_child_run_of_one_parent(suite_project):
-    root, _ = suite_project
+    root, *_ = suite_project
     runs = _runs(root)
     parents = [r for r in runs if r.data.tags.get("mpe.suite_parent") == "true"]
     children = [r for r in runs if r.data.tags.get("mpe.cell")]
@@ -78,7 +89,7 @@ def test_every_cell_is_a_child_run_of_one_parent(suite_project):
 
 
 def test_report_and_compare_come_from_mlflow(suite_project):
-    root, env = suite_project
+    root, env, _ = suite_project
     out = subprocess.run(
         [str(BIN / "mpe"), "experiments", "report", "tiny"],
         cwd=root,
@@ -103,7 +114,7 @@ def test_report_and_compare_come_from_mlflow(suite_project):
 
 
 def test_a_rerun_skips_finished_runs(suite_project):
-    root, env = suite_project
+    root, env, _ = suite_project
     before = {p: p.stat().st_mtime_ns for p in root.rglob("eval.json")}
     out = subprocess.run(
         [str(BIN / "mpe"), "experiments", "run", "tiny"], cwd=root, env=env, capture_output=True, text=True, timeout=600
