@@ -4,7 +4,8 @@ img2dataset's download threads write samples in the order they finish, and stamp
 the time of writing, so the same URL list gives differently ordered (and different) bytes on every
 download. Training streams shards in order, so that would make a run differ from a rerun of the very
 same inputs. Each finished shard is rewritten once, key by key, members read by offset (memory stays
-at one member), and replaced atomically; the shard's parquet is sorted by key alike.
+at one member), and replaced atomically; the shard's parquet is sorted by key and written by one writer
+with fixed options, so its bytes too depend only on its rows.
 """
 
 from __future__ import annotations
@@ -42,13 +43,31 @@ def canonicalize_tar(tar: Path) -> bool:
     return True
 
 
-def canonicalize_parquet(path: Path) -> None:
+def canonical_parquet_bytes(path: Path) -> bytes:
+    """The bytes of ``path``'s rows sorted by key, written by one writer with fixed options: the same rows give
+    the same bytes whichever order, and whichever writer, they came in."""
+    import io
+
     import pandas as pd
 
     df = pd.read_parquet(path)
-    if "key" in df.columns and not df["key"].is_monotonic_increasing:
-        with atomic_path(path, suffix=".parquet") as tmp:
-            df.sort_values("key", kind="stable").to_parquet(tmp, index=False)
+    if "key" in df.columns:
+        df = df.sort_values("key", kind="stable")
+    out = io.BytesIO()
+    df.to_parquet(out, index=False, compression="snappy")
+    return out.getvalue()
+
+
+def canonicalize_parquet(path: Path) -> bool:
+    """Rewrite a shard's parquet in canonical form (:func:`canonical_parquet_bytes`); False when it already was.
+    Sorting alone is not enough: a download whose threads happened to finish in key order keeps img2dataset's
+    own file, whose bytes differ from a sorted rewrite of the same rows, and a cache shard names those bytes."""
+    data = canonical_parquet_bytes(path)
+    if path.read_bytes() == data:
+        return False
+    with atomic_path(path, suffix=".parquet") as tmp:
+        tmp.write_bytes(data)
+    return True
 
 
 def canonicalize_folder(folder: Path) -> int:

@@ -28,3 +28,27 @@ def test_two_download_orders_give_identical_bytes(tmp_path):
     assert [n for n, _ in got][:3] == ["00000000.jpg", "00000000.json", "00000000.txt"]
     assert all(data == f"content of {n}".encode() for n, data in got) and len(got) == len(names)
     assert not canonicalize_tar(a)  # already canonical: left alone
+
+
+def test_a_shard_s_parquet_has_the_same_bytes_whichever_order_its_rows_were_written_in(tmp_path):
+    """img2dataset writes a shard's parquet in the order its threads finished: a download whose rows came in
+    key order and one whose rows did not hold the same rows, and a cache shard built from one must stay
+    current for the other (its identity holds the parquet's sha256)."""
+    import pandas as pd
+    import pyarrow as pa
+    from img2dataset.writer import BufferedParquetWriter
+
+    from mpe.data.canonical_shards import canonicalize_parquet
+
+    rows = pd.DataFrame({"key": [f"{k:08d}" for k in range(6)], "caption": [f"a caption {k}" for k in range(6)]})
+    in_order, shuffled = tmp_path / "in_order.parquet", tmp_path / "shuffled.parquet"
+    for path, order in ((in_order, range(6)), (shuffled, [3, 0, 5, 1, 4, 2])):  # img2dataset's own writer
+        writer = BufferedParquetWriter(str(path), pa.schema([("key", pa.string()), ("caption", pa.string())]), 4)
+        for i in order:
+            writer.write(rows.iloc[i].to_dict())
+        writer.close()
+    assert in_order.read_bytes() != shuffled.read_bytes()
+    assert canonicalize_parquet(in_order) and canonicalize_parquet(shuffled)
+    assert in_order.read_bytes() == shuffled.read_bytes()
+    assert pd.read_parquet(in_order).equals(rows)
+    assert not canonicalize_parquet(in_order)  # already canonical: left alone

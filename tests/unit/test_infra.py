@@ -156,7 +156,7 @@ def test_dockerfile_installs_what_the_tests_ran_with():
     non-root user and no secrets."""
     docker = (INFRA / "Dockerfile").read_text()
     make = (ROOT / "Makefile").read_text()
-    torch_pin = re.search(r"pip install -q (torch==\S+)", make).group(1)
+    torch_pin = re.search(r"pip install -q (?:--\S+ )*(torch==\S+)", make).group(1)
     assert re.search(rf'--index-url "\$\{{TORCH_INDEX_URL}}" {re.escape(torch_pin)}\n', docker)
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", docker, re.M)
     assert '-c constraints.txt ".[pipeline]"' in docker
