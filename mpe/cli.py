@@ -306,10 +306,15 @@ def cmd_ui(args) -> None:
 
 
 def cmd_experiments_run(args) -> None:
-    _params(args, required=False)  # before the suite's stages import Ray: a local cluster stays on 127.0.0.1
+    from mpe.evaluation.experiments.suite import expand, load_suite, suite_path
     from mpe.runtime.prefect_server import load_flow, prefect_server
     from mpe.runtime.project_lock import project_lock
+    from mpe.runtime.ray_cluster import prefer_loopback
 
+    # the suite's own runs say where Ray runs; told before the flow's stages import Ray, as every other command
+    # is through its params, a local cluster stays on 127.0.0.1
+    for spec in expand(load_suite(suite_path(args.name)), args.form):
+        prefer_loopback(spec.params.ray)
     _own_children()
     with project_lock(".", wait=0), prefect_server():
         experiment_suite = load_flow(".", "experiments.py:experiment_suite")
