@@ -28,13 +28,13 @@ def proj(tmp_path_factory, tiny_base_dir):
     return fault_project(tmp_path_factory, tiny_base_dir, "faults")
 
 
-def _newest_step(ray_results, skip: set[str]) -> int:
-    """The step of the newest intact checkpoint among the Ray runs not in ``skip``."""
+def _newest_step(ray_results) -> int:
+    """The step of the newest intact checkpoint among the project's Ray runs (0 before any)."""
     from mpe.training.checkpoint import newest_intact
 
     steps = [0]
     for d in ray_results.glob("*"):
-        found = newest_intact(d) if d.is_dir() and d.name not in skip else None
+        found = newest_intact(d) if d.is_dir() else None
         if found:
             steps.append(found[1][2]["step"])
     return max(steps)
@@ -58,12 +58,12 @@ def _left_running(proj, seconds: float) -> list[str]:
     return out
 
 
-def _until_step(p, proj, skip: set[str], step: int) -> None:
+def _until_step(p, proj, step: int) -> None:
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and _newest_step(proj / "ray_results", skip) < step:
+    while time.monotonic() < deadline and _newest_step(proj / "ray_results") < step:
         assert p.poll() is None, p.communicate()[1][-3000:]
         time.sleep(0.5)
-    assert _newest_step(proj / "ray_results", skip) >= step
+    assert _newest_step(proj / "ray_results") >= step
 
 
 def test_ctrl_c_sigterm_and_kill_9_stop_the_run_and_each_rerun_resumes_registering_nothing_until_one_finishes(proj):
@@ -73,7 +73,6 @@ def test_ctrl_c_sigterm_and_kill_9_stop_the_run_and_each_rerun_resumes_registeri
     nothing it started runs on for long. Each rerun resumes past the checkpoint the one before reached; nothing is
     registered until a run finishes, and that run registers version 1 alone."""
     env = own_server_env(proj)
-    runs: set[str] = set()  # every Ray run of this new project counts
 
     # Ctrl-C as soon as a checkpoint reads back whole
     p = start_mpe_run(proj, env)
@@ -89,26 +88,26 @@ def test_ctrl_c_sigterm_and_kill_9_stop_the_run_and_each_rerun_resumes_registeri
     assert "interrupted" in err and "resume" in err and stopped < 90, (stopped, err[-2000:])
     assert not unexpected_tracebacks(out + err), (out + err)[-3000:]  # Prefect logs the Interrupted as its one line
     assert registered_models(proj) == [] and not (proj / "metrics" / "register.json").exists()
-    reached = _newest_step(proj / "ray_results", runs)
+    reached = _newest_step(proj / "ray_results")
 
     # SIGTERM to `mpe run` alone (send_signal), once the rerun went past where Ctrl-C left it
     second = start_mpe_run(proj, env)
-    _until_step(second, proj, runs, reached + 2)
+    _until_step(second, proj, reached + 2)
     second.send_signal(signal.SIGTERM)
     out, err = second.communicate(timeout=300)
     assert second.returncode == 143 and "stopped by SIGTERM" in err and "resume" in err, err[-3000:]
     assert _left_running(proj, 60) == []
     assert registered_models(proj) == [] and not (proj / "metrics" / "register.json").exists()
-    reached = _newest_step(proj / "ray_results", runs)
+    reached = _newest_step(proj / "ray_results")
 
     # SIGKILL to `mpe run` alone: nothing can clean up in it
     third = start_mpe_run(proj, env)
-    _until_step(third, proj, runs, reached + 2)
+    _until_step(third, proj, reached + 2)
     third.kill()
     third.communicate(timeout=60)
     assert _left_running(proj, 120) == []
     assert registered_models(proj) == [] and not (proj / "metrics" / "register.json").exists()
-    reached = _newest_step(proj / "ray_results", runs)
+    reached = _newest_step(proj / "ray_results")
 
     # the rerun that finishes, and two more `mpe run` started while it runs: one stops at once, one waits its turn
     first = subprocess.Popen(
