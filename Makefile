@@ -60,12 +60,12 @@ browser:
 # not pass them.
 # Three pytest workers on two cores: the suite spends much of its time waiting on the servers, Ray clusters and
 # subprocesses it starts (2 workers kept the cores ~57 % busy); whole files per worker (loadfile) keep module fixtures shared,
-# and the modules that take minutes go first (tests/conftest.py: LONGEST_FIRST), not xdist's most-tests-first order.
+# and the modules that take minutes go first (tests/conftest.py: LONGEST_FIRST; pyproject.toml turns xdist's own order off).
 test: $(TEST_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mkdocs build --strict --site-dir $$(mktemp -d)
-	$(BIN)/python -m pytest -q -ra --durations=25 -n 3 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -ra --durations=25 -n 3 --dist loadfile
 
 # The documentation site (mkdocs.yml) into site/; `.venv/bin/mkdocs serve` shows it while you edit.
 docs: $(STAMP)
@@ -82,7 +82,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test-fast: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -ra -n 3 --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n 3 --dist loadfile -m "not slow"
 
 # The whole default pipeline: the Prefect retrain flow (DVC stages, push, MLflow registration).
 run: $(STAMP)

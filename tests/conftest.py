@@ -39,8 +39,8 @@ def _no_inherited_tracking_uri():
 
 # The modules that take minutes, longest first (their time in `pytest --durations=0` on the two-core machine,
 # 2026-12-07: 741 s down to 63 s): scheduled before the rest, so that no worker starts one of them when the others
-# are nearly done. Run with `--no-loadscope-reorder` (the Makefile does), as xdist otherwise orders modules by
-# their number of tests. A module not named here keeps its place after them.
+# are nearly done. pyproject.toml passes `--no-loadscope-reorder`, as xdist otherwise orders modules by their
+# number of tests. A module not named here keeps its place after them.
 LONGEST_FIRST = [
     "tests/e2e/test_interrupt.py",
     "tests/integration/test_faults.py",

@@ -18,7 +18,7 @@ import mlflow
 import pytest
 
 from tests.e2e.project import BIN, fault_project, own_server_env, registered_models, run, start_mpe_run
-from tests.project_config import has_intact_checkpoint, unexpected_tracebacks
+from tests.project_config import unexpected_tracebacks
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +76,7 @@ def test_ctrl_c_sigterm_and_kill_9_stop_the_run_and_each_rerun_resumes_registeri
 
     # Ctrl-C as soon as a checkpoint reads back whole
     p = start_mpe_run(proj, env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not has_intact_checkpoint(proj / "ray_results"):
-        assert p.poll() is None, p.communicate()[1][-3000:]
-        time.sleep(0.5)
+    _until_step(p, proj, 1)
     started = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
     out, err = p.communicate(timeout=300)
