@@ -78,7 +78,8 @@ def has_intact_checkpoint(ray_results: Path) -> bool:
 
 
 def copy_project(project, tmp: Path, **sections) -> Path:
-    """A copy of the session project's data, base model and cache under ``tmp``, with its params file. What
+    """A copy of the session project's data, base model and cache under ``tmp``, with its params file (training
+    on one Ray Train worker unless ``train`` says otherwise). What
     training wrote into the session project (another test's model under ``models/trained``) is not copied:
     a copy starts untrained, with the session's params, whichever tests ran before it in the same worker."""
     root, _ = project
@@ -89,6 +90,10 @@ def copy_project(project, tmp: Path, **sections) -> Path:
     p["data"]["out_dir"] = str(tmp / "data")
     p["base_model"]["out_dir"] = str(tmp / "models" / "base")
     p["cache"]["root"] = str(tmp / "cache")
+    # One Ray Train worker: a copy is for faults of files, lineage and processes, which ranks do not change, and
+    # a second worker costs ~6 CPU-seconds a training (its process, torch and transformers imported again). The
+    # tests of what ranks do (tests/integration/test_train_and_evaluate.py, the precision every rank trains in,
+    # the two-node cluster) ask for two.
     p["train"].update(
         storage_path=str(tmp / "ray_results"),
         out_dir=str(tmp / "models" / "trained"),
@@ -96,6 +101,7 @@ def copy_project(project, tmp: Path, **sections) -> Path:
         max_steps=6,
         run_name="mpe-default",
         log_sample_keys=False,
+        num_workers=1,
     )
     p["metrics_dir"] = str(tmp / "metrics")
     p["evaluate"].update(plots_dir=str(tmp / "plots"))

@@ -79,6 +79,7 @@ def local_temp_dir() -> str:
 MARKER = "MPE_RAY_LOCAL_CLUSTER"
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_TRAIN_POLL_S = "0.2"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def _processes(marker: str) -> dict[int, tuple[int, bool]]:
@@ -146,6 +147,9 @@ def ensure_ray(cfg) -> None:
     # every 2 s by default, and the worker blocks until it does: on a small model that is most of a
     # checkpointing step. Polling a local cluster's few workers more often costs next to nothing.
     os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+    # Ray Train's preemption watcher is an actor of its own (a process, ~1 CPU-second to start) that polls Ray
+    # Core for nodes an autoscaler is draining: a local cluster's one node is this machine, never drained.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     os.environ[MARKER] = temp_dir  # inherited by every process of the cluster: how a later run finds orphans
     # Where this cluster's own processes look for "the" local cluster when they are not told: Ray Train's
     # placement-group cleaner asks the state API with no address, which scans the machine for Ray clusters

@@ -73,8 +73,10 @@ def project_env(proj: Path, **extra) -> dict:
 
 def fault_project(tmp_path_factory, tiny_base_dir: Path, name: str) -> Path:
     """A whole project for the fault tests: training long enough (40 steps, a checkpoint every 2) that a signal
-    lands mid-training."""
-    params = pipeline_params(tiny_base_dir, model_name="mpe-faults", max_steps=40, checkpoint_every=2, lr=1e-3)
+    lands mid-training, on one Ray Train worker (what a signal stops is the run's processes, not its ranks)."""
+    params = pipeline_params(
+        tiny_base_dir, model_name="mpe-faults", max_steps=40, checkpoint_every=2, lr=1e-3, num_workers=1
+    )
     return make_project(tmp_path_factory.mktemp(name) / "proj", params)[0]
 
 

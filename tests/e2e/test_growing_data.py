@@ -86,7 +86,9 @@ def _json(proj: Path, name: str) -> dict:
 
 
 def test_a_new_part_is_downloaded_cached_trained_and_gated_alone(tmp_path, tiny_base_dir):
-    params = pipeline_params(tiny_base_dir, model_name="mpe-growing", max_steps=4, batch_size=8, checkpoint_every=4)
+    params = pipeline_params(
+        tiny_base_dir, model_name="mpe-growing", max_steps=4, batch_size=8, checkpoint_every=4, num_workers=1
+    )
     params["data"].update(
         source="url_list",
         url_list="laion",

@@ -5,6 +5,7 @@ file (exit 2) or by an exact resume, and nothing already done is lost."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -32,11 +33,19 @@ from tests.project_config import (
 BIN = Path(sys.executable).parent
 
 
-def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp_path):
+def test_a_truncated_shard_is_named_skipped_on_request_and_repaired_keeping_the_training_run(project, tmp_path):
+    """Cache and train name a truncated shard; the cache skips it on request; the data stage downloads it again,
+    and the repair restores the same data: the training run's identity (its fingerprint) does not change, so the
+    rerun resumes the finished run and writes the same model, not a new one."""
     from mpe.stages import data
 
-    params = copy_project(project, tmp_path)
+    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
     data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
+    assert run_mpe(params, "cache").returncode == 0
+    first = run_mpe(params, "train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
     shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[1]
     original = file_sha256(shard)
     with open(shard, "r+b") as f:
@@ -52,24 +61,6 @@ def test_a_truncated_shard_is_named_skipped_on_request_and_repaired(project, tmp
     assert summary["skipped_corrupt_shards"] == [shard.name]
     stats = data.run(load_params(params))  # the data stage downloads the shard again
     assert stats["repaired_shards"] == {"train": [shard.name]} and file_sha256(shard) == original
-
-
-def test_a_shard_repaired_to_its_recorded_bytes_keeps_the_training_run_and_its_model(project, tmp_path):
-    """Repairing a truncated shard restores the same data: the training run's identity (its fingerprint)
-    does not change, so the rerun resumes the finished run and writes the same model, not a new one."""
-    from mpe.stages import data
-
-    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
-    data.run(load_params(params))  # the copy's own download (its URL lists name the copy's images)
-    assert run_mpe(params, "cache").returncode == 0
-    first = run_mpe(params, "train")
-    assert first.returncode == 0, first.stderr[-3000:]
-    before = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    model = {p.name: file_sha256(p) for p in (tmp_path / "models" / "trained").rglob("*") if p.is_file()}
-    shard = sorted((tmp_path / "data" / "shards" / "train").glob("*.tar"))[0]
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
-    assert data.run(load_params(params))["repaired_shards"] == {"train": [shard.name]}
     again = run_mpe(params, "train")
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads((tmp_path / "metrics" / "train.json").read_text())
@@ -298,6 +289,15 @@ def _ray_processes(temp_dir: str) -> list[int]:
     return [pid for pid, (_, marked) in _processes(temp_dir).items() if marked]
 
 
+def _actors_started(temp_dir: str) -> set[str]:
+    """The classes of the actors every session of the local cluster in ``temp_dir`` started (Ray's worker logs
+    open with the actor's name)."""
+    names = set()
+    for log in Path(temp_dir).glob("session_*/logs/worker-*.out"):
+        names.update(re.findall(r":actor_name:(\w+)", log.read_text(errors="replace")))
+    return names
+
+
 def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(project, tmp_path):
     params = copy_project(project, tmp_path, train={"max_steps": 12, "checkpoint_every": 2, "log_sample_keys": True})
     proc = subprocess.Popen(
@@ -323,6 +323,9 @@ def test_a_killed_training_driver_leaves_nothing_running_and_the_rerun_resumes(p
     assert summary["steps"] == 12 and summary["restored_from_step"] >= 2
     time.sleep(2)
     assert _ray_processes(temp_dir) == []  # the orphans were stopped, and the rerun's cluster ended with it
+    actors = _actors_started(temp_dir)
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    assert "PreemptionWatcher" not in actors  # Ray Train's drain watcher: a local cluster's node is never drained
 
 
 def test_another_ray_cluster_on_the_machine_is_left_alone_and_does_not_disturb_training(project, tmp_path):

@@ -76,7 +76,7 @@ def test_every_rank_trains_in_the_precision_the_driver_chose(project, tmp_path, 
     machine = "bfloat16" if precision.cpu_bf16_speedup() >= 1.3 else "float32"
     told = "float32" if machine == "bfloat16" else "bfloat16"
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 100.0 if told == "bfloat16" else 0.01)
-    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+    params = copy_project(project, tmp_path, train={"max_steps": 2, "checkpoint_every": 2, "num_workers": 2})
     summary = _train(params)
     assert summary["compute_dtype"] == told
     run_dir = tmp_path / "ray_results" / summary["ray_run_name"]
