@@ -79,7 +79,7 @@ def has_intact_checkpoint(ray_results: Path) -> bool:
 
 def copy_project(project, tmp: Path, **sections) -> Path:
     """A copy of the session project's data, base model and cache under ``tmp``, with its params file (training
-    on one Ray Train worker unless ``train`` says otherwise). What
+    on one Ray Train worker, decoding in it, unless ``train`` says otherwise). What
     training wrote into the session project (another test's model under ``models/trained``) is not copied:
     a copy starts untrained, with the session's params, whichever tests ran before it in the same worker."""
     root, _ = project
@@ -90,10 +90,11 @@ def copy_project(project, tmp: Path, **sections) -> Path:
     p["data"]["out_dir"] = str(tmp / "data")
     p["base_model"]["out_dir"] = str(tmp / "models" / "base")
     p["cache"]["root"] = str(tmp / "cache")
-    # One Ray Train worker: a copy is for faults of files, lineage and processes, which ranks do not change, and
-    # a second worker costs ~6 CPU-seconds a training (its process, torch and transformers imported again). The
-    # tests of what ranks do (tests/integration/test_train_and_evaluate.py, the precision every rank trains in,
-    # the two-node cluster) ask for two.
+    # One Ray Train worker decoding in its own process: a copy is for faults of files, lineage and processes,
+    # which neither ranks nor decode processes change, and each costs ~2-6 CPU-seconds a training (a process that
+    # imports torch again). The tests of what ranks do (tests/integration/test_train_and_evaluate.py, the
+    # precision every rank trains in, the two-node cluster) ask for two; the default's decode process is
+    # trained with there, in the whole-flow tests and in tests/integration/test_train_stream.py.
     p["train"].update(
         storage_path=str(tmp / "ray_results"),
         out_dir=str(tmp / "models" / "trained"),
@@ -102,6 +103,7 @@ def copy_project(project, tmp: Path, **sections) -> Path:
         run_name="mpe-default",
         log_sample_keys=False,
         num_workers=1,
+        loader_workers=0,
     )
     p["metrics_dir"] = str(tmp / "metrics")
     p["evaluate"].update(plots_dir=str(tmp / "plots"))
