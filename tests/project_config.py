@@ -90,11 +90,11 @@ def copy_project(project, tmp: Path, **sections) -> Path:
     p["data"]["out_dir"] = str(tmp / "data")
     p["base_model"]["out_dir"] = str(tmp / "models" / "base")
     p["cache"]["root"] = str(tmp / "cache")
-    # One Ray Train worker decoding in its own process: a copy is for faults of files, lineage and processes,
+    # One Ray Train worker that decodes its batches itself: a copy is for faults of files, lineage and processes,
     # which neither ranks nor decode processes change, and each costs ~2-6 CPU-seconds a training (a process that
     # imports torch again). The tests of what ranks do (tests/integration/test_train_and_evaluate.py, the
-    # precision every rank trains in, the two-node cluster) ask for two; the default's decode process is
-    # trained with there, in the whole-flow tests and in tests/integration/test_train_stream.py.
+    # precision every rank trains in, the two-node cluster) ask for two; the default's decode processes are
+    # trained with there and in the whole-flow tests, and read in tests/integration/test_train_stream.py.
     p["train"].update(
         storage_path=str(tmp / "ray_results"),
         out_dir=str(tmp / "models" / "trained"),
